@@ -40,18 +40,47 @@ _LOG2E = 1.0 / _LN2
 
 
 def _bsa_fwd_kernel_py(
-    Q, K, V, O, LSE,
-    PNUM, PIDX, FNUM, FIDX,
-    sqb, sqh, sqm,
-    skb, skh, skn,
-    svb, svh, svn,
-    sob, soh, som,
-    slb, slh,
-    spn_b, spn_h, spn_m,
-    spi_b, spi_h, spi_m,
-    sfn_b, sfn_h, sfn_m,
-    sfi_b, sfi_h, sfi_m,
-    Sq, Sk, P, Hkv, G, n_m_tiles,
+    Q,
+    K,
+    V,
+    O,
+    LSE,
+    PNUM,
+    PIDX,
+    FNUM,
+    FIDX,
+    sqb,
+    sqh,
+    sqm,
+    skb,
+    skh,
+    skn,
+    svb,
+    svh,
+    svn,
+    sob,
+    soh,
+    som,
+    slb,
+    slh,
+    spn_b,
+    spn_h,
+    spn_m,
+    spi_b,
+    spi_h,
+    spi_m,
+    sfn_b,
+    sfn_h,
+    sfn_m,
+    sfi_b,
+    sfi_h,
+    sfi_m,
+    Sq,
+    Sk,
+    P,
+    Hkv,
+    G,
+    n_m_tiles,
     qk_scale,
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -111,8 +140,12 @@ def _bsa_fwd_kernel_py(
                 alpha = tl.math.exp2(m_i - m_new)
             else:
                 k_ok = kn < Sk
-                k = tl.load(k_base + kn[:, None] * skn + offs_d[None, :], mask=k_ok[:, None], other=0.0)
-                v = tl.load(v_base + kn[:, None] * svn + offs_d[None, :], mask=k_ok[:, None], other=0.0)
+                k = tl.load(
+                    k_base + kn[:, None] * skn + offs_d[None, :], mask=k_ok[:, None], other=0.0
+                )
+                v = tl.load(
+                    v_base + kn[:, None] * svn + offs_d[None, :], mask=k_ok[:, None], other=0.0
+                )
                 qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
                 qk = tl.where(k_ok[None, :], qk * qk_scale, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(qk, 1))
@@ -159,7 +192,11 @@ def _bsa_fwd_kernel_py(
     o_ptrs = O + b64 * sob + h64 * soh + offs_m[:, None] * som + offs_d[None, :]
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None])
     if WRITE_LSE:
-        lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+        lse = tl.where(
+            empty,
+            float("-inf"),
+            (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453,
+        )
         tl.store(LSE + b64 * slb + h64 * slh + offs_m, lse, mask=row_ok)
 
 
@@ -197,8 +234,9 @@ def _pow2_divisor(x: int) -> int:
     return x & (-x)
 
 
-def pick_config(head_dim: int, dtype: torch.dtype, bs_q: int, bs_kv: int,
-                override: KernelConfig | None = None) -> KernelConfig:
+def pick_config(
+    head_dim: int, dtype: torch.dtype, bs_q: int, bs_kv: int, override: KernelConfig | None = None
+) -> KernelConfig:
     """Tile config for a head dim / dtype, shrunk so the tiles divide the mask blocks."""
     cfg = override or _TABLE.get(head_dim, KernelConfig(64, 64, 4, 2))
     if dtype == torch.float32 and override is None:
@@ -289,15 +327,39 @@ def block_sparse_attention_triton(
         return out, lse
     kernel = _bsa_fwd_kernel
     args = (
-        q, k, v, out, lse_arg,
-        pnum, pidx, fnum, fidx,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        slb, slh,
-        *spn, *spi, *sfn, *sfi,
-        Sq, Sk, Sk - Sq, Hkv, G, n_m_tiles,
+        q,
+        k,
+        v,
+        out,
+        lse_arg,
+        pnum,
+        pidx,
+        fnum,
+        fidx,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        v.stride(0),
+        v.stride(1),
+        v.stride(2),
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+        slb,
+        slh,
+        *spn,
+        *spi,
+        *sfn,
+        *sfi,
+        Sq,
+        Sk,
+        Sk - Sq,
+        Hkv,
+        G,
+        n_m_tiles,
         float(scale) * _LOG2E,
     )
     meta = dict(
@@ -313,9 +375,13 @@ def block_sparse_attention_triton(
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
+    global last_compiled
     if q.device.type == "cuda":
         with torch.cuda.device(q.device):
-            kernel[grid](*args, **meta)
+            last_compiled = kernel[grid](*args, **meta)
     else:
         kernel[grid](*args, **meta)
     return out, (lse if return_lse else None)
+
+
+last_compiled = None  # the CompiledKernel of the last CUDA launch (n_regs / n_spills for reports)
