@@ -111,6 +111,7 @@ def sdpa_dense(q, k, v, backend):
 
 
 def make_sdpa(q, k, v, backend):
+    sdpa_dense(q, k, v, backend)  # probe: sets _sdpa_gqa_ok[backend]
     if not _sdpa_gqa_ok.get(backend, True):
         kr = k.repeat_interleave(HQ // HKV, 1)
         vr = v.repeat_interleave(HQ // HKV, 1)
