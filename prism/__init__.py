@@ -1,0 +1,37 @@
+"""Prism: training-free block-sparse attention for long-context pre-fill.
+
+scorer = prism.build_scorer("prism", threshold=0.95)
+sel = scorer(q, k)                  # BlockSelection: .mask, .density, .block_mask(Sq, Sk)
+out = prism.sparse_attention(q, k, v, scorer="prism", backend="flex")
+"""
+
+from .attention import SparseAttention, sparse_attention
+from .kernels import BACKENDS, get_backend, register_backend
+from .masks import BlockSelection
+from .scorers import SCORERS, Scorer, ScorerConfig, available_scorers, build_scorer, register_scorer
+
+__version__ = "0.1.0"
+
+
+def load_config(*args, **kwargs):
+    """See :func:`prism.config.load_config` (imported lazily: omegaconf is optional at runtime)."""
+    from .config import load_config as _load
+
+    return _load(*args, **kwargs)
+
+
+__all__ = [
+    "BACKENDS",
+    "BlockSelection",
+    "SCORERS",
+    "Scorer",
+    "ScorerConfig",
+    "SparseAttention",
+    "available_scorers",
+    "build_scorer",
+    "get_backend",
+    "load_config",
+    "register_backend",
+    "register_scorer",
+    "sparse_attention",
+]

@@ -1,0 +1,79 @@
+"""The ``flex`` backend: compiled torch FlexAttention over the BlockMask.
+
+``flex_attention`` must be compiled: called eagerly it ignores the block lists. We compile it
+once and cache it; inside an outer ``torch.compile`` the plain function is called instead.
+On Hopper/Blackwell with FlashAttention-4 (``flash_attn.cute``) installed, FlexAttention's FLASH
+backend is picked automatically (``backend="flex"``); ``flex_triton`` / ``flex_flash`` force one.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+_COMPILED = None
+
+
+def compiled_flex_attention():
+    """The process-wide compiled ``flex_attention``."""
+    global _COMPILED
+    if _COMPILED is None:
+        _COMPILED = torch.compile(flex_attention)
+    return _COMPILED
+
+
+@functools.cache
+def flash_available(device_index: int = 0) -> bool:
+    """True where FlexAttention's FLASH (FA4 CuTe-DSL) backend can run: CUDA sm90+ and
+    ``flash_attn.cute`` importable."""
+    if not torch.cuda.is_available():
+        return False
+    if torch.cuda.get_device_capability(device_index)[0] < 9:
+        return False
+    try:
+        import flash_attn.cute  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def _kernel_options(q: torch.Tensor, block_mask: BlockMask, impl: str) -> dict | None:
+    opts: dict = {}
+    bs_q, bs_k = block_mask.BLOCK_SIZE
+    if q.is_cuda and min(bs_q, bs_k) < 128:
+        # the mask block must be a multiple of the kernel tile
+        opts.update(BLOCK_M=bs_q, BLOCK_N=bs_k)
+    use_flash = impl == "flash" or (
+        impl == "auto" and q.is_cuda and flash_available(q.device.index or 0)
+    )
+    if impl == "flash" and not (q.is_cuda and flash_available(q.device.index or 0)):
+        raise RuntimeError(
+            "backend 'flex_flash' needs a CUDA GPU of compute capability >= 9.0 and FlashAttention-4 "
+            "(pip install 'prism-sparse[fa4]'); use backend='flex' to fall back automatically"
+        )
+    if use_flash:
+        opts["BACKEND"] = "FLASH"
+    return opts or None
+
+
+def flex_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_mask: BlockMask,
+    scale: float | None = None,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """q [B, Hq, Sq, D], k/v [B, Hkv, Sk, D] -> [B, Hq, Sq, D]; GQA without repeating K/V."""
+    fn = flex_attention if torch.compiler.is_compiling() else compiled_flex_attention()
+    return fn(
+        q,
+        k,
+        v,
+        block_mask=block_mask,
+        scale=scale,
+        enable_gqa=q.shape[1] != k.shape[1],
+        kernel_options=_kernel_options(q, block_mask, impl),
+    )
