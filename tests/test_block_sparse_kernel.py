@@ -39,26 +39,135 @@ REPO = Path(__file__).resolve().parents[1]
 #       "above_only" — some rows list only blocks above the diagonal (every key masked)
 # ----------------------------------------------------------------------------------------------
 CASES = {
-    "fp32_ragged127_d64": dict(B=1, Hq=2, Hkv=1, Sq=127, Sk=127, D=64, bs=64, dtype="float32", kind="random", density=0.5),
-    "fp32_d32_bs64": dict(B=1, Hq=2, Hkv=2, Sq=200, Sk=200, D=32, bs=64, dtype="float32", kind="random", density=0.6),
-    "fp16_ragged300_gqa42_batch2": dict(B=2, Hq=4, Hkv=2, Sq=300, Sk=300, D=64, bs=128, dtype="float16", kind="random", density=0.7),
-    "fp16_1000_d128": dict(B=1, Hq=2, Hkv=1, Sq=1000, Sk=1000, D=128, bs=128, dtype="float16", kind="random", density=0.3),
-    "fp16_gqa82_bs64": dict(B=1, Hq=8, Hkv=2, Sq=256, Sk=256, D=64, bs=64, dtype="float16", kind="random", density=0.5),
-    "fp16_prefix_ragged": dict(B=2, Hq=2, Hkv=1, Sq=200, Sk=500, D=64, bs=64, dtype="float16", kind="random", density=0.5),
-    "fp16_prefix_aligned": dict(B=1, Hq=2, Hkv=1, Sq=256, Sk=512, D=128, bs=128, dtype="float16", kind="random", density=0.5),
-    "fp16_partial_only": dict(B=1, Hq=2, Hkv=1, Sq=300, Sk=400, D=64, bs=64, dtype="float16", kind="partial_only", density=0.4),
-    "fp16_full_only": dict(B=2, Hq=2, Hkv=2, Sq=300, Sk=300, D=64, bs=128, dtype="float16", kind="full_only", density=1.0),
-    "fp16_empty_rows": dict(B=1, Hq=4, Hkv=2, Sq=320, Sk=320, D=64, bs=64, dtype="float16", kind="empty_rows", density=0.5),
-    "fp32_above_only": dict(B=1, Hq=2, Hkv=1, Sq=256, Sk=256, D=64, bs=64, dtype="float32", kind="above_only", density=0.5),
-    "fp16_mask_broadcast_b1h1": dict(B=2, Hq=4, Hkv=2, Sq=200, Sk=260, D=64, bs=64, dtype="float16", kind="random", density=0.6, mask_bh=(1, 1)),
-    "fp16_block_128x64": dict(B=1, Hq=2, Hkv=1, Sq=300, Sk=300, D=64, bs=(128, 64), dtype="float16", kind="random", density=0.5),
+    "fp32_ragged127_d64": dict(
+        B=1, Hq=2, Hkv=1, Sq=127, Sk=127, D=64, bs=64, dtype="float32", kind="random", density=0.5
+    ),
+    "fp32_d32_bs64": dict(
+        B=1, Hq=2, Hkv=2, Sq=200, Sk=200, D=32, bs=64, dtype="float32", kind="random", density=0.6
+    ),
+    "fp16_ragged300_gqa42_batch2": dict(
+        B=2, Hq=4, Hkv=2, Sq=300, Sk=300, D=64, bs=128, dtype="float16", kind="random", density=0.7
+    ),
+    "fp16_1000_d128": dict(
+        B=1,
+        Hq=2,
+        Hkv=1,
+        Sq=1000,
+        Sk=1000,
+        D=128,
+        bs=128,
+        dtype="float16",
+        kind="random",
+        density=0.3,
+    ),
+    "fp16_gqa82_bs64": dict(
+        B=1, Hq=8, Hkv=2, Sq=256, Sk=256, D=64, bs=64, dtype="float16", kind="random", density=0.5
+    ),
+    "fp16_prefix_ragged": dict(
+        B=2, Hq=2, Hkv=1, Sq=200, Sk=500, D=64, bs=64, dtype="float16", kind="random", density=0.5
+    ),
+    "fp16_prefix_aligned": dict(
+        B=1, Hq=2, Hkv=1, Sq=256, Sk=512, D=128, bs=128, dtype="float16", kind="random", density=0.5
+    ),
+    "fp16_partial_only": dict(
+        B=1,
+        Hq=2,
+        Hkv=1,
+        Sq=300,
+        Sk=400,
+        D=64,
+        bs=64,
+        dtype="float16",
+        kind="partial_only",
+        density=0.4,
+    ),
+    "fp16_full_only": dict(
+        B=2,
+        Hq=2,
+        Hkv=2,
+        Sq=300,
+        Sk=300,
+        D=64,
+        bs=128,
+        dtype="float16",
+        kind="full_only",
+        density=1.0,
+    ),
+    "fp16_empty_rows": dict(
+        B=1,
+        Hq=4,
+        Hkv=2,
+        Sq=320,
+        Sk=320,
+        D=64,
+        bs=64,
+        dtype="float16",
+        kind="empty_rows",
+        density=0.5,
+    ),
+    "fp32_above_only": dict(
+        B=1,
+        Hq=2,
+        Hkv=1,
+        Sq=256,
+        Sk=256,
+        D=64,
+        bs=64,
+        dtype="float32",
+        kind="above_only",
+        density=0.5,
+    ),
+    "fp16_mask_broadcast_b1h1": dict(
+        B=2,
+        Hq=4,
+        Hkv=2,
+        Sq=200,
+        Sk=260,
+        D=64,
+        bs=64,
+        dtype="float16",
+        kind="random",
+        density=0.6,
+        mask_bh=(1, 1),
+    ),
+    "fp16_block_128x64": dict(
+        B=1,
+        Hq=2,
+        Hkv=1,
+        Sq=300,
+        Sk=300,
+        D=64,
+        bs=(128, 64),
+        dtype="float16",
+        kind="random",
+        density=0.5,
+    ),
     # compute tiles smaller than the mask block: 2 query tiles per block row, 4 KV sub-tiles
-    "fp16_subtiles_bs128_t32": dict(B=1, Hq=2, Hkv=1, Sq=300, Sk=350, D=64, bs=128, dtype="float16", kind="random", density=0.6, config=(32, 32)),
+    "fp16_subtiles_bs128_t32": dict(
+        B=1,
+        Hq=2,
+        Hkv=1,
+        Sq=300,
+        Sk=350,
+        D=64,
+        bs=128,
+        dtype="float16",
+        kind="random",
+        density=0.6,
+        config=(32, 32),
+    ),
     # dense: every causal block => equals causal SDPA (checked against the reference too)
-    "fp16_dense_causal": dict(B=1, Hq=2, Hkv=1, Sq=384, Sk=384, D=64, bs=128, dtype="float16", kind="random", density=1.0),
+    "fp16_dense_causal": dict(
+        B=1, Hq=2, Hkv=1, Sq=384, Sk=384, D=64, bs=128, dtype="float16", kind="random", density=1.0
+    ),
 }
 # the public op path (validation + torch.ops.prism.block_sparse_attn_fwd -> interpreter)
-OP_CASES = ("fp16_ragged300_gqa42_batch2", "fp16_prefix_ragged", "fp16_empty_rows", "fp32_ragged127_d64")
+OP_CASES = (
+    "fp16_ragged300_gqa42_batch2",
+    "fp16_prefix_ragged",
+    "fp16_empty_rows",
+    "fp32_ragged127_d64",
+)
 
 
 def build_case_mask(c: dict, gen: torch.Generator):
@@ -108,8 +217,9 @@ def _run_case(name: str, c: dict, via_op: bool) -> dict:
     v = torch.randn(B, Hkv, Sk, D, generator=gen).to(dt)
     bm = build_case_mask(c, gen)
     scale = 0.7 / math.sqrt(D)  # a non-default scale
-    ref, ref_lse = naive_block_sparse_attention(q, k, v, bm, scale=scale, return_lse=True,
-                                                compute_dtype=torch.float64)
+    ref, ref_lse = naive_block_sparse_attention(
+        q, k, v, bm, scale=scale, return_lse=True, compute_dtype=torch.float64
+    )
     if via_op:
         out, lse = block_sparse_attention(q, k, v, bm, scale=scale, return_lse=True)
     else:
@@ -120,8 +230,21 @@ def _run_case(name: str, c: dict, via_op: bool) -> dict:
         lse = torch.full((B, Hq, Sq), float("nan"), dtype=torch.float32)
         bs_q, bs_kv = bm.BLOCK_SIZE
         triton_fwd.block_sparse_attention_triton(
-            q, k, v, bm.kv_num_blocks, bm.kv_indices, bm.full_kv_num_blocks, bm.full_kv_indices,
-            bs_q, bs_kv, scale, True, config=cfg, out=out, lse=lse)
+            q,
+            k,
+            v,
+            bm.kv_num_blocks,
+            bm.kv_indices,
+            bm.full_kv_num_blocks,
+            bm.full_kv_indices,
+            bs_q,
+            bs_kv,
+            scale,
+            True,
+            config=cfg,
+            out=out,
+            lse=lse,
+        )
     err = (out.double() - ref).abs()
     tol = (1e-5 + 1e-5 * ref.abs()) if dt == torch.float32 else (2e-3 + 2e-3 * ref.abs())
     fin = torch.isfinite(ref_lse)
@@ -156,16 +279,28 @@ def _worker() -> None:
 @pytest.fixture(scope="module")
 def interp_results():
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, __file__, "--worker"], env=env, cwd=str(REPO),
-                          capture_output=True, text=True, timeout=600)
+    env = dict(
+        os.environ,
+        TRITON_INTERPRET="1",
+        PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    )
+    proc = subprocess.run(
+        [sys.executable, __file__, "--worker"],
+        env=env,
+        cwd=str(REPO),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     results = {}
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             r = json.loads(line[7:])
             results[(r["name"], r["via_op"])] = r
     if not results:
-        pytest.fail(f"interpreter worker produced no results (rc={proc.returncode}):\n{proc.stderr[-4000:]}")
+        pytest.fail(
+            f"interpreter worker produced no results (rc={proc.returncode}):\n{proc.stderr[-4000:]}"
+        )
     return results
 
 
@@ -198,9 +333,11 @@ def test_interpreter_public_op_vs_naive(interp_results, name):
 
 def _qkv(B, Hq, Hkv, Sq, Sk, D, dtype=torch.float32, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(B, Hq, Sq, D, generator=g).to(dtype),
-            torch.randn(B, Hkv, Sk, D, generator=g).to(dtype),
-            torch.randn(B, Hkv, Sk, D, generator=g).to(dtype))
+    return (
+        torch.randn(B, Hq, Sq, D, generator=g).to(dtype),
+        torch.randn(B, Hkv, Sk, D, generator=g).to(dtype),
+        torch.randn(B, Hkv, Sk, D, generator=g).to(dtype),
+    )
 
 
 @pytest.mark.parametrize("Sq,Sk,bs", [(300, 300, 128), (200, 500, 64), (256, 512, 128)])
@@ -213,12 +350,15 @@ def test_naive_dense_equals_causal_sdpa(Sq, Sk, bs):
     out = naive_block_sparse_attention(q, k, v, bm, compute_dtype=torch.float64)
     allowed = torch.arange(Sq)[:, None] + (Sk - Sq) >= torch.arange(Sk)[None, :]
     ref = torch.nn.functional.scaled_dot_product_attention(
-        q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), attn_mask=allowed)
+        q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), attn_mask=allowed
+    )
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
 
 
 def test_random_mask_density_and_diagonal():
-    bm, dens = random_causal_block_mask(1, 2, 1024, 1024, 128, 0.3, torch.Generator().manual_seed(1))
+    bm, dens = random_causal_block_mask(
+        1, 2, 1024, 1024, 128, 0.3, torch.Generator().manual_seed(1)
+    )
     assert 0.15 < dens < 0.45
     from prism.kernels.block_sparse import dense_block_maps
 
@@ -259,10 +399,24 @@ def test_compile_fullgraph_traces_op():
 def test_opcheck():
     q, k, v = _qkv(1, 2, 1, 100, 140, 32, torch.float32)
     bm, _ = random_causal_block_mask(1, 2, 100, 140, 64, 0.5, torch.Generator().manual_seed(4))
-    args = (q, k, v, bm.kv_num_blocks, bm.kv_indices, bm.full_kv_num_blocks, bm.full_kv_indices,
-            64, 64, 0.125, True)
-    torch.library.opcheck(torch.ops.prism.block_sparse_attn_fwd.default, args,
-                          test_utils=("test_schema", "test_faketensor"))
+    args = (
+        q,
+        k,
+        v,
+        bm.kv_num_blocks,
+        bm.kv_indices,
+        bm.full_kv_num_blocks,
+        bm.full_kv_indices,
+        64,
+        64,
+        0.125,
+        True,
+    )
+    torch.library.opcheck(
+        torch.ops.prism.block_sparse_attn_fwd.default,
+        args,
+        test_utils=("test_schema", "test_faketensor"),
+    )
 
 
 def _valid():

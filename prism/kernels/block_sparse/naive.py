@@ -144,8 +144,14 @@ def _maps_to_lists(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return num.contiguous(), idx.contiguous()
 
 
-def block_mask_from_maps(partial: torch.Tensor, full: torch.Tensor | None, Sq: int, Sk: int,
-                         block_size, with_full_lists: bool = True):
+def block_mask_from_maps(
+    partial: torch.Tensor,
+    full: torch.Tensor | None,
+    Sq: int,
+    Sk: int,
+    block_size,
+    with_full_lists: bool = True,
+):
     """BlockMask from dense bool maps [B, H, NQB, NKB] (partial = causal mask_mod applies)."""
     from torch.nn.attention.flex_attention import BlockMask
 
@@ -159,12 +165,28 @@ def block_mask_from_maps(partial: torch.Tensor, full: torch.Tensor | None, Sq: i
         fn, fi = _maps_to_lists(full)
     else:
         fn = fi = None
-    return BlockMask.from_kv_blocks(pn, pi, fn, fi, BLOCK_SIZE=block_size, mask_mod=causal,
-                                    seq_lengths=(Sq, Sk), compute_q_blocks=False)
+    return BlockMask.from_kv_blocks(
+        pn,
+        pi,
+        fn,
+        fi,
+        BLOCK_SIZE=block_size,
+        mask_mod=causal,
+        seq_lengths=(Sq, Sk),
+        compute_q_blocks=False,
+    )
 
 
-def random_causal_block_mask(B: int, H: int, Sq: int, Sk: int, block_size: int, density: float,
-                             generator: torch.Generator | None = None, device=None):
+def random_causal_block_mask(
+    B: int,
+    H: int,
+    Sq: int,
+    Sk: int,
+    block_size: int,
+    density: float,
+    generator: torch.Generator | None = None,
+    device=None,
+):
     """Random block-causal mask: every partial (diagonal) block, plus each other visible block with
     the probability that makes the expected share of selected / causal blocks ``density``.
     Returns ``(block_mask, achieved_density)``."""

@@ -91,12 +91,29 @@ def block_sparse_attn_fwd(
     tensor unless ``return_lse``."""
     if _use_triton(q.device):
         out, lse = _triton_fwd.block_sparse_attention_triton(
-            q, k, v, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
-            bs_q, bs_kv, scale, return_lse,
+            q,
+            k,
+            v,
+            kv_num_blocks,
+            kv_indices,
+            full_kv_num_blocks,
+            full_kv_indices,
+            bs_q,
+            bs_kv,
+            scale,
+            return_lse,
         )
     else:
-        view = _MaskView(kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
-                         bs_q, bs_kv, q.shape[2], k.shape[2])
+        view = _MaskView(
+            kv_num_blocks,
+            kv_indices,
+            full_kv_num_blocks,
+            full_kv_indices,
+            bs_q,
+            bs_kv,
+            q.shape[2],
+            k.shape[2],
+        )
         out32, lse = naive_block_sparse_attention(q, k, v, view, scale=scale, return_lse=True)
         out = out32.to(q.dtype)
     if not return_lse:
@@ -105,8 +122,19 @@ def block_sparse_attn_fwd(
 
 
 @block_sparse_attn_fwd.register_fake
-def _(q, k, v, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
-      bs_q, bs_kv, scale, return_lse):
+def _(
+    q,
+    k,
+    v,
+    kv_num_blocks,
+    kv_indices,
+    full_kv_num_blocks,
+    full_kv_indices,
+    bs_q,
+    bs_kv,
+    scale,
+    return_lse,
+):
     B, Hq, Sq, D = q.shape
     out = q.new_empty((B, Hq, Sq, D))
     lse = q.new_empty((B, Hq, Sq) if return_lse else (0,), dtype=torch.float32)
@@ -128,18 +156,24 @@ def validate_inputs(q, k, v, block_mask) -> None:
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
     B, Hq, Sq, D = q.shape
     if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+        raise ValueError(
+            f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}"
+        )
     Bk, Hkv, Sk, Dk = k.shape
     if Bk != B:
         raise ValueError(f"batch mismatch: q has {B}, k/v have {Bk}")
     if Dk != D:
         raise ValueError(f"head dim mismatch: q has {D}, k/v have {Dk}")
     if D not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"head dim {D} not supported by the Triton kernel (supported: {SUPPORTED_HEAD_DIMS})")
+        raise ValueError(
+            f"head dim {D} not supported by the Triton kernel (supported: {SUPPORTED_HEAD_DIMS})"
+        )
     if Hkv == 0 or Hq % Hkv != 0:
         raise ValueError(f"GQA needs Hq % Hkv == 0, got Hq={Hq}, Hkv={Hkv}")
     if Sq > Sk:
-        raise ValueError(f"Sq ({Sq}) must not exceed Sk ({Sk}): queries attend to a cached prefix plus themselves")
+        raise ValueError(
+            f"Sq ({Sq}) must not exceed Sk ({Sk}): queries attend to a cached prefix plus themselves"
+        )
 
     for attr in ("kv_num_blocks", "kv_indices", "BLOCK_SIZE", "seq_lengths"):
         if not hasattr(block_mask, attr):
@@ -148,7 +182,9 @@ def validate_inputs(q, k, v, block_mask) -> None:
     bs_q, bs_kv = (bs, bs) if isinstance(bs, int) else (int(bs[0]), int(bs[1]))
     for name, b in (("query", bs_q), ("key", bs_kv)):
         if b < 16 or b % 16 != 0:
-            raise ValueError(f"{name} BLOCK_SIZE {b} cannot be tiled by the kernel (must be a multiple of 16)")
+            raise ValueError(
+                f"{name} BLOCK_SIZE {b} cannot be tiled by the kernel (must be a multiple of 16)"
+            )
     if tuple(int(s) for s in block_mask.seq_lengths) != (Sq, Sk):
         raise ValueError(
             f"block_mask was built for seq_lengths={tuple(block_mask.seq_lengths)} but got Sq={Sq}, Sk={Sk}"
@@ -161,7 +197,9 @@ def validate_inputs(q, k, v, block_mask) -> None:
             f"got {tuple(kvn.shape)} and {tuple(kvi.shape)}"
         )
     if (fkn is None) != (fki is None):
-        raise ValueError("block_mask full_kv_num_blocks and full_kv_indices must both be set or both None")
+        raise ValueError(
+            "block_mask full_kv_num_blocks and full_kv_indices must both be set or both None"
+        )
     nqb = -(-Sq // bs_q)
     tensors = [("kv_num_blocks", kvn), ("kv_indices", kvi)]
     if fkn is not None:
@@ -217,10 +255,17 @@ def block_sparse_attention(
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     out, lse = torch.ops.prism.block_sparse_attn_fwd(
-        q, k, v,
-        block_mask.kv_num_blocks, block_mask.kv_indices,
-        block_mask.full_kv_num_blocks, block_mask.full_kv_indices,
-        bs_q, bs_kv, float(scale), bool(return_lse),
+        q,
+        k,
+        v,
+        block_mask.kv_num_blocks,
+        block_mask.kv_indices,
+        block_mask.full_kv_num_blocks,
+        block_mask.full_kv_indices,
+        bs_q,
+        bs_kv,
+        float(scale),
+        bool(return_lse),
     )
     if return_lse:
         return out, lse
