@@ -183,9 +183,15 @@ def check_correctness(log):
     return ok
 
 
-SWEEP = [
-    (128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 3), (128, 128, 8, 2),
-    (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3), (64, 128, 4, 2),
+SWEEP = [  # (BLOCK_M, BLOCK_N, num_warps, num_stages, use_tma)
+    (128, 128, 8, 3, False),
+    (128, 64, 8, 2, True),
+    (128, 64, 8, 3, True),
+    (128, 64, 8, 4, True),
+    (128, 128, 8, 2, True),
+    (128, 128, 8, 3, True),
+    (128, 64, 4, 3, True),
+    (64, 64, 4, 3, True),
 ]
 
 
@@ -210,9 +216,9 @@ def sweep(log):
         args = (q, k, v, bm.kv_num_blocks, bm.kv_indices, bm.full_kv_num_blocks, bm.full_kv_indices, BS, BS, D ** -0.5, False)
         ref = None
         for cfg in SWEEP:
-            kc = triton_fwd.KernelConfig(*cfg)
+            kc = triton_fwd.KernelConfig(*cfg[:4])
             try:
-                f = lambda: triton_fwd.block_sparse_attention_triton(*args, config=kc)
+                f = lambda: triton_fwd.block_sparse_attention_triton(*args, config=kc, use_tma=cfg[4])
                 o = f()[0]
                 ref = o if ref is None else ref
                 t = bench(f, 300 if S < 100000 else 1000)
@@ -220,7 +226,7 @@ def sweep(log):
             except Exception as ex:
                 log(f"sweep S={S} cfg={cfg}: failed {type(ex).__name__}: {str(ex)[:200]}")
                 continue
-            log(f"sweep S={S} density={d:.3f} BM,BN,warps,stages={cfg}: {t:.3f} ms, "
+            log(f"sweep S={S} density={d:.3f} BM,BN,warps,stages,tma={cfg}: {t:.3f} ms, "
                 f"ratio {t / (d * cud):.3f} "
                 f"(rel diff vs first {e:.1e}; {_resources()})")
             rows.append((S, d, cfg, t))

@@ -206,7 +206,8 @@ def build_case_mask(c: dict, gen: torch.Generator):
     return bm
 
 
-def _run_case(name: str, c: dict, via_op: bool) -> dict:
+def _run_case(name: str, c: dict, mode: str) -> dict:
+    """mode: "ptr" / "tma" (launcher, pointer or TMA-descriptor K/V loads) or "op" (public API)."""
     from prism.kernels.block_sparse import triton_fwd
 
     gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
@@ -220,7 +221,7 @@ def _run_case(name: str, c: dict, via_op: bool) -> dict:
     ref, ref_lse = naive_block_sparse_attention(
         q, k, v, bm, scale=scale, return_lse=True, compute_dtype=torch.float64
     )
-    if via_op:
+    if mode == "op":
         out, lse = block_sparse_attention(q, k, v, bm, scale=scale, return_lse=True)
     else:
         cfg = None
@@ -242,6 +243,7 @@ def _run_case(name: str, c: dict, via_op: bool) -> dict:
             scale,
             True,
             config=cfg,
+            use_tma=(mode == "tma"),
             out=out,
             lse=lse,
         )
@@ -252,7 +254,7 @@ def _run_case(name: str, c: dict, via_op: bool) -> dict:
     empty = ~fin
     return dict(
         name=name,
-        via_op=via_op,
+        mode=mode,
         out_dtype=str(out.dtype),
         nan=bool(torch.isnan(out).any() or torch.isnan(lse).any()),
         max_err=err.max().item(),
@@ -267,12 +269,12 @@ def _worker() -> None:
     from prism.kernels.block_sparse import triton_fwd
 
     assert triton_fwd.interpreter_active(), "worker started without TRITON_INTERPRET=1"
-    jobs = [(n, False) for n in CASES] + [(n, True) for n in OP_CASES]
-    for name, via_op in jobs:
+    jobs = [(n, m) for m in ("ptr", "tma") for n in CASES] + [(n, "op") for n in OP_CASES]
+    for name, mode in jobs:
         try:
-            res = _run_case(name, CASES[name], via_op)
+            res = _run_case(name, CASES[name], mode)
         except Exception as e:  # report, do not die: the other cases still run
-            res = dict(name=name, via_op=via_op, error=f"{type(e).__name__}: {e}")
+            res = dict(name=name, mode=mode, error=f"{type(e).__name__}: {e}")
         print("RESULT " + json.dumps(res), flush=True)
 
 
@@ -296,7 +298,7 @@ def interp_results():
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             r = json.loads(line[7:])
-            results[(r["name"], r["via_op"])] = r
+            results[(r["name"], r["mode"])] = r
     if not results:
         pytest.fail(
             f"interpreter worker produced no results (rc={proc.returncode}):\n{proc.stderr[-4000:]}"
@@ -313,9 +315,10 @@ def _check(r: dict, dtype: str):
     assert r["out_dtype"] == f"torch.{dtype}"
 
 
+@pytest.mark.parametrize("mode", ["ptr", "tma"])
 @pytest.mark.parametrize("name", list(CASES))
-def test_interpreter_kernel_vs_naive(interp_results, name):
-    r = interp_results[(name, False)]
+def test_interpreter_kernel_vs_naive(interp_results, name, mode):
+    r = interp_results[(name, mode)]
     _check(r, CASES[name]["dtype"])
     if CASES[name]["kind"] in ("empty_rows", "above_only"):
         assert r["empty_rows"] > 0
@@ -323,7 +326,7 @@ def test_interpreter_kernel_vs_naive(interp_results, name):
 
 @pytest.mark.parametrize("name", OP_CASES)
 def test_interpreter_public_op_vs_naive(interp_results, name):
-    _check(interp_results[(name, True)], CASES[name]["dtype"])
+    _check(interp_results[(name, "op")], CASES[name]["dtype"])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -39,48 +39,63 @@ _LN2 = math.log(2.0)
 _LOG2E = 1.0 / _LN2
 
 
+@triton.jit
+def _load_kv(
+    k_base, v_base, Kd, Vd, kv_row0, start_n, offs_n, offs_d, skn, svn, Sk,
+    USE_TMA: tl.constexpr, MASK_TAIL: tl.constexpr,
+):
+    """K and V tiles [BLOCK_N, HEAD_DIM] starting at key ``start_n``."""
+    if USE_TMA:
+        # 2-D descriptors over [B * Hkv * Sk, D]; rows past Sk belong to the next head (or are
+        # zero-filled at the end of the tensor) and are masked out of the scores by the caller.
+        k = Kd.load([kv_row0 + start_n, 0])
+        v = Vd.load([kv_row0 + start_n, 0])
+    else:
+        kn = start_n + offs_n
+        if MASK_TAIL:
+            k_ok = (kn < Sk)[:, None]
+            k = tl.load(k_base + kn[:, None] * skn + offs_d[None, :], mask=k_ok, other=0.0)
+            v = tl.load(v_base + kn[:, None] * svn + offs_d[None, :], mask=k_ok, other=0.0)
+        else:
+            k = tl.load(k_base + kn[:, None] * skn + offs_d[None, :])
+            v = tl.load(v_base + kn[:, None] * svn + offs_d[None, :])
+    return k, v
+
+
+@triton.jit
+def _update(acc, m_i, l_i, q, k, v, qk_scale, ok, MASKED: tl.constexpr, DOT_PREC: tl.constexpr):
+    """One online-softmax step (base 2). ``ok`` [BLOCK_M, BLOCK_N] is used only when MASKED."""
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+    if MASKED:
+        qk = tl.where(ok, qk * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        # a row with no allowed key so far keeps m = -inf; exponentiate against 0 instead
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(qk - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+    else:
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+    return acc, m_new, l_i
+
+
 def _bsa_fwd_kernel_py(
-    Q,
-    K,
-    V,
-    O,
-    LSE,
-    PNUM,
-    PIDX,
-    FNUM,
-    FIDX,
-    sqb,
-    sqh,
-    sqm,
-    skb,
-    skh,
-    skn,
-    svb,
-    svh,
-    svn,
-    sob,
-    soh,
-    som,
-    slb,
-    slh,
-    spn_b,
-    spn_h,
-    spn_m,
-    spi_b,
-    spi_h,
-    spi_m,
-    sfn_b,
-    sfn_h,
-    sfn_m,
-    sfi_b,
-    sfi_h,
-    sfi_m,
-    Sq,
-    Sk,
-    P,
-    Hkv,
-    G,
-    n_m_tiles,
+    Q, K, V, Kd, Vd, O, LSE,
+    PNUM, PIDX, FNUM, FIDX,
+    sqb, sqh, sqm,
+    skb, skh, skn,
+    svb, svh, svn,
+    sob, soh, som,
+    slb, slh,
+    spn_b, spn_h, spn_m,
+    spi_b, spi_h, spi_m,
+    sfn_b, sfn_h, sfn_m,
+    sfi_b, sfi_h, sfi_m,
+    Sq, Sk, P, Hkv, G, n_m_tiles,
     qk_scale,
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -90,8 +105,9 @@ def _bsa_fwd_kernel_py(
     HAS_FULL: tl.constexpr,
     EVEN_K: tl.constexpr,
     WRITE_LSE: tl.constexpr,
+    USE_TMA: tl.constexpr,
     DOT_PREC: tl.constexpr,
-):
+):  # fmt: skip
     SUB_N: tl.constexpr = BS_KV // BLOCK_N
     pid = tl.program_id(0)
     # program order: g (query head within the GQA group) fastest, then query tile (last first),
@@ -118,44 +134,26 @@ def _bsa_fwd_kernel_py(
     q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
     k_base = K + b64 * skb + kh64 * skh
     v_base = V + b64 * svb + kh64 * svh
+    kv_row0 = (b * Hkv + kh) * Sk
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
-    # ---------------- full blocks: no causal mask ----------------
+    # ---------------- full blocks: no causal mask (tail mask only if Sk is ragged) -------------
     if HAS_FULL:
         n_full = tl.load(FNUM + b64 * sfn_b + h64 * sfn_h + qb * sfn_m)
         f_idx = FIDX + b64 * sfi_b + h64 * sfi_h + qb * sfi_m
         for it in range(0, n_full * SUB_N):
             blk = tl.load(f_idx + it // SUB_N)
             start_n = blk * BS_KV + (it % SUB_N) * BLOCK_N
-            kn = start_n + offs_n
+            k, v = _load_kv(k_base, v_base, Kd, Vd, kv_row0, start_n, offs_n, offs_d, skn, svn,
+                            Sk, USE_TMA, not EVEN_K)
             if EVEN_K:
-                k = tl.load(k_base + kn[:, None] * skn + offs_d[None, :])
-                v = tl.load(v_base + kn[:, None] * svn + offs_d[None, :])
-                qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
-                m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-                p = tl.math.exp2(qk * qk_scale - m_new[:, None])
-                alpha = tl.math.exp2(m_i - m_new)
+                acc, m_i, l_i = _update(acc, m_i, l_i, q, k, v, qk_scale, 0, False, DOT_PREC)
             else:
-                k_ok = kn < Sk
-                k = tl.load(
-                    k_base + kn[:, None] * skn + offs_d[None, :], mask=k_ok[:, None], other=0.0
-                )
-                v = tl.load(
-                    v_base + kn[:, None] * svn + offs_d[None, :], mask=k_ok[:, None], other=0.0
-                )
-                qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
-                qk = tl.where(k_ok[None, :], qk * qk_scale, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(qk, 1))
-                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-                p = tl.math.exp2(qk - m_use[:, None])
-                alpha = tl.math.exp2(m_i - m_use)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None]
-            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
-            m_i = m_new
+                ok = ((start_n + offs_n) < Sk)[None, :]
+                acc, m_i, l_i = _update(acc, m_i, l_i, q, k, v, qk_scale, ok, True, DOT_PREC)
 
     # ---------------- partial blocks: causal predicate on every one ----------------
     n_part = tl.load(PNUM + b64 * spn_b + h64 * spn_h + qb * spn_m)
@@ -164,26 +162,13 @@ def _bsa_fwd_kernel_py(
     for it in range(0, n_part * SUB_N):
         blk = tl.load(p_idx + it // SUB_N)
         start_n = blk * BS_KV + (it % SUB_N) * BLOCK_N
+        k, v = _load_kv(k_base, v_base, Kd, Vd, kv_row0, start_n, offs_n, offs_d, skn, svn,
+                        Sk, USE_TMA, not EVEN_K)
         kn = start_n + offs_n
-        if EVEN_K:
-            k = tl.load(k_base + kn[:, None] * skn + offs_d[None, :])
-            v = tl.load(v_base + kn[:, None] * svn + offs_d[None, :])
-            ok = q_abs[:, None] >= kn[None, :]
-        else:
-            k_ok = kn < Sk
-            k = tl.load(k_base + kn[:, None] * skn + offs_d[None, :], mask=k_ok[:, None], other=0.0)
-            v = tl.load(v_base + kn[:, None] * svn + offs_d[None, :], mask=k_ok[:, None], other=0.0)
-            ok = (q_abs[:, None] >= kn[None, :]) & k_ok[None, :]
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
-        qk = tl.where(ok, qk * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(qk - m_use[:, None])
-        alpha = tl.math.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
-        m_i = m_new
+        ok = q_abs[:, None] >= kn[None, :]
+        if not EVEN_K:
+            ok = ok & (kn < Sk)[None, :]
+        acc, m_i, l_i = _update(acc, m_i, l_i, q, k, v, qk_scale, ok, True, DOT_PREC)
 
     # ---------------- epilogue ----------------
     empty = l_i == 0.0
@@ -192,15 +177,24 @@ def _bsa_fwd_kernel_py(
     o_ptrs = O + b64 * sob + h64 * soh + offs_m[:, None] * som + offs_d[None, :]
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None])
     if WRITE_LSE:
-        lse = tl.where(
-            empty,
-            float("-inf"),
-            (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453,
-        )
+        log2_l = tl.math.log2(tl.where(empty, 1.0, l_i))
+        lse = tl.where(empty, float("-inf"), (m_i + log2_l) * 0.6931471805599453)
         tl.store(LSE + b64 * slb + h64 * slh + offs_m, lse, mask=row_ok)
 
 
 _bsa_fwd_kernel = triton.jit(_bsa_fwd_kernel_py)
+
+
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except Exception:  # older Triton: pointer path only
+    TensorDescriptor = None
+
+
+def _tma_default(q: torch.Tensor) -> bool:
+    if TensorDescriptor is None or q.device.type != "cuda":
+        return False
+    return torch.cuda.get_device_capability(q.device)[0] >= 9
 
 
 def interpreter_active() -> bool:
@@ -279,13 +273,16 @@ def block_sparse_attention_triton(
     scale: float,
     return_lse: bool = False,
     config: KernelConfig | None = None,
+    use_tma: bool | None = None,
     out: torch.Tensor | None = None,
     lse: torch.Tensor | None = None,
 ):
     """Launch the kernel on already validated inputs (see ``prism.kernels.block_sparse.op``).
 
-    ``config`` overrides the tile table (tests use it to exercise sub-tiling). ``out`` / ``lse`` may be given
-    (tests poison them with NaN to prove every element is written).
+    ``config`` overrides the tile table (tests use it to exercise sub-tiling). ``use_tma``: load
+    K/V through TMA tensor descriptors (default: on Hopper and newer when Triton has
+    ``TensorDescriptor``; K/V are then made contiguous). ``out`` / ``lse`` may be given (tests
+    poison them with NaN to prove every element is written).
     Returns ``(out, lse)``; ``lse`` is ``None`` unless ``return_lse``.
     """
     B, Hq, Sq, D = q.shape
@@ -325,11 +322,26 @@ def block_sparse_attention_triton(
     grid = (B * Hq * n_m_tiles,)
     if Sq == 0 or B * Hq == 0:
         return out, lse
+    if use_tma is None:
+        use_tma = _tma_default(q)
+    kd = vd = None
+    if use_tma:
+        if TensorDescriptor is None:
+            raise RuntimeError("use_tma=True needs triton.tools.tensor_descriptor (Triton >= 3.3)")
+        k = k.contiguous()
+        v = v.contiguous()
+        if B * Hkv * Sk >= 2**31 or k.data_ptr() % 16 or v.data_ptr() % 16:
+            use_tma = False
+        else:
+            kd = TensorDescriptor(k, [B * Hkv * Sk, D], [D, 1], [cfg.BLOCK_N, D])
+            vd = TensorDescriptor(v, [B * Hkv * Sk, D], [D, 1], [cfg.BLOCK_N, D])
     kernel = _bsa_fwd_kernel
     args = (
         q,
         k,
         v,
+        kd,
+        vd,
         out,
         lse_arg,
         pnum,
@@ -371,6 +383,7 @@ def block_sparse_attention_triton(
         HAS_FULL=has_full,
         EVEN_K=(Sk % bs_kv == 0),
         WRITE_LSE=bool(return_lse),
+        USE_TMA=bool(use_tma),
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
