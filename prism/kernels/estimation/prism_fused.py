@@ -1,0 +1,522 @@
+"""Fused Prism estimator in Triton: pooled dual-band scores -> top-p -> BlockMask block lists.
+
+Two launches (DESIGN.md §4 step by step, with the same numbers as ``PrismScorer``):
+
+1. ``_pool_kernel`` — one program per 128-token block of Q *and* of K (one grid for both): the
+   fp32 block mean (zero padding included, as ``pool_blocks``), written as ``qbar [B, Hq, NQB, D]``
+   and transposed ``kbarT [B, Hkv, D, NKB]``, plus three per-block sums of squares of the mean
+   (all dims, high band, low band) for the energy calibration.
+2. ``_select_kernel`` — one program per tile of ``R = BLOCK_G x BLOCK_Q`` rows: ``BLOCK_G`` query
+   heads of one KV group (GQA: K is read once for the group) times ``BLOCK_Q`` query blocks, each
+   row holding ALL its KV blocks (``BLOCK_N = next_pow2(NKB)``) in registers. Per program:
+   the calibration temperatures from the per-block sums (a reduction over NQB / NKB numbers, no
+   extra launch); per band the pooled logits with ``tl.dot`` (fp32, ``input_precision="ieee"``);
+   the block-causal fp32 softmax; the top-p set by a threshold search (below); then the union of
+   the bands, the forced sink / partial (diagonal) blocks, the causal clip, and the two block lists
+   written straight into the BlockMask tensors.
+
+Nothing of size ``[B, Hq, NQB, NKB]`` other than the returned lists is ever allocated: the
+probabilities live in registers only. Temporaries: ``qbar`` + ``kbarT`` (fp32, 20 MB at 128K with
+Hq=32, Hkv=8, D=128) and 3 floats per block.
+
+Top-p without a sort (exactly the rule of ``prism.masks.top_p``: keep a block iff the mass
+strictly before it in descending order is ``< p``). Let ``F(t)`` = mass of the row's blocks with
+probability ``> t``. A block of probability ``v`` is kept iff ``F(v) < p``. ``F`` is
+non-increasing, so the kept set is ``{prob >= t*}`` with ``t* = min{t : F(t) < p}``. Probabilities
+are non-negative floats, whose bit patterns (int32) order like the values, so ``t*`` is found by
+bisection on the integer bit pattern: the invariant is ``F(lo) >= p`` (``lo`` starts at -1, below
+every value) and ``F(hi) < p`` (``hi`` starts one bit above the row max: ``F = 0``). The search
+stops when ``hi = lo + 1`` or when at most one probability lies in ``(lo, hi]`` (that value ``v``
+has ``F(v) = F(hi) < p``: it is kept); the kept set is then ``{prob > lo}``. Typically 10-20 rounds
+of "masked sum over the row" instead of a sort + cumsum.
+
+Ties: blocks with *equal* probability are kept or dropped together (a tie at the boundary keeps
+every tied block, a superset of the sort-based set by the tied blocks only; the sort's order among
+equal values is unspecified anyway). ``rule="top_k"`` uses the same search on counts (``count(prob
+> t) < k``; ties at the k-th value are all kept), ``rule="min_prob"`` is a plain comparison.
+Rounding: sums are taken in a different order than ``torch.cumsum`` over the sorted row, so a block
+whose "mass before" is within a few fp32 ulps of ``p`` may be decided differently (never seen on
+random inputs; exact ties of probabilities are the only systematic difference).
+
+List format (as ``prism.masks.bool_to_block_lists``): per (b, h, query block) ``num`` int32 and an
+int32 row of NKB entries, the selected KV block indices first in ascending order, then the
+unselected ones ascending (every entry a valid index). ``kv_*`` hold the selected partial
+(causal-frontier) blocks, ``full_kv_*`` the other selected blocks.
+
+Runs on CUDA and, under ``TRITON_INTERPRET=1`` (set before Triton is first imported), on CPU
+tensors. Written for the Triton 3.2-3.9 language surface.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = [
+    "MAX_BLOCK_N",
+    "SelectConfig",
+    "block_lists_to_block_mask",
+    "block_lists_to_selection",
+    "pick_select_config",
+    "prism_select_block_lists",
+    "supports",
+]
+
+MAX_BLOCK_N = 4096  # NKB up to 4096 (512K tokens at BS=128) in one register row
+_RULES = {"top_p": 0, "top_k": 1, "min_prob": 2}
+
+
+# ------------------------------------------------------------------------------------------------
+# kernel 1: block means (+ per-block sums of squares for the calibration)
+# ------------------------------------------------------------------------------------------------
+@triton.jit
+def _pool_one(
+    x_ptr, sxb, sxh, sxs, sxd, out_ptr, so_head, so_blk, so_d, st_ptr,
+    b, h, blk, H, S, NB, D, HALF_D, HI_PAIRS, LO_PAIR0,
+    INTERLEAVED: tl.constexpr, BS: tl.constexpr, D_P: tl.constexpr, ROWS: tl.constexpr,
+):
+    offs_r = tl.arange(0, ROWS)
+    offs_d = tl.arange(0, D_P)
+    d_ok = offs_d < D
+    base = x_ptr + b.to(tl.int64) * sxb + h.to(tl.int64) * sxh
+    acc = tl.zeros([ROWS, D_P], dtype=tl.float32)
+    s0 = blk * BS
+    for r0 in tl.static_range(0, BS, ROWS):
+        rows = s0 + r0 + offs_r
+        m = (rows < S)[:, None] & d_ok[None, :]
+        ptrs = base + rows.to(tl.int64)[:, None] * sxs + offs_d[None, :] * sxd
+        acc += tl.load(ptrs, mask=m, other=0.0).to(tl.float32)
+    mean = tl.sum(acc, 0) / BS  # [D_P]; zero padding of the last block included
+    bh = b * H + h
+    out = out_ptr + bh.to(tl.int64) * so_head + blk * so_blk + offs_d * so_d
+    tl.store(out, mean, mask=d_ok)
+    if INTERLEAVED:
+        pair = offs_d // 2
+    else:
+        pair = offs_d % HALF_D
+    sq = mean * mean
+    s_all = tl.sum(sq, 0)
+    s_hi = tl.sum(tl.where(pair < HI_PAIRS, sq, 0.0), 0)
+    s_lo = tl.sum(tl.where(pair >= LO_PAIR0, sq, 0.0), 0)
+    st = st_ptr + (bh * 3).to(tl.int64) * NB + blk
+    tl.store(st, s_all)
+    tl.store(st + NB, s_hi)
+    tl.store(st + 2 * NB, s_lo)
+
+
+@triton.jit
+def _pool_kernel(
+    q_ptr, sqb, sqh, sqs, sqd, k_ptr, skb, skh, sks, skd,
+    qbar_ptr, kbarT_ptr, qst_ptr, kst_ptr,
+    HQ, HKV, SQ, SK, NQB, NKB, D, HALF_D, HI_PAIRS, LO_PAIR0, N_QPROG,
+    INTERLEAVED: tl.constexpr, BS: tl.constexpr, D_P: tl.constexpr, ROWS: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    if pid < N_QPROG:
+        blk = pid % NQB
+        bh = pid // NQB
+        _pool_one(
+            q_ptr, sqb, sqh, sqs, sqd, qbar_ptr, NQB * D, D, 1, qst_ptr,
+            bh // HQ, bh % HQ, blk, HQ, SQ, NQB, D, HALF_D, HI_PAIRS, LO_PAIR0,
+            INTERLEAVED, BS, D_P, ROWS,
+        )
+    else:
+        p2 = pid - N_QPROG
+        blk = p2 % NKB
+        bh = p2 // NKB
+        _pool_one(
+            k_ptr, skb, skh, sks, skd, kbarT_ptr, D * NKB, 1, NKB, kst_ptr,
+            bh // HKV, bh % HKV, blk, HKV, SK, NKB, D, HALF_D, HI_PAIRS, LO_PAIR0,
+            INTERLEAVED, BS, D_P, ROWS,
+        )
+
+
+# ------------------------------------------------------------------------------------------------
+# kernel 2: scores, softmax, threshold search, union, forced blocks, block lists
+# ------------------------------------------------------------------------------------------------
+@triton.jit
+def _band_sums(st_ptr, NB, CHUNK: tl.constexpr, N_CHUNKS: tl.constexpr):
+    """Sums over the NB blocks of the 3 per-block statistics of one head -> 3 scalars."""
+    offs = tl.arange(0, CHUNK)
+    a0 = tl.zeros([CHUNK], dtype=tl.float32)
+    a1 = tl.zeros([CHUNK], dtype=tl.float32)
+    a2 = tl.zeros([CHUNK], dtype=tl.float32)
+    for c in tl.static_range(N_CHUNKS):
+        o = c * CHUNK + offs
+        m = o < NB
+        a0 += tl.load(st_ptr + o, mask=m, other=0.0)
+        a1 += tl.load(st_ptr + NB + o, mask=m, other=0.0)
+        a2 += tl.load(st_ptr + 2 * NB + o, mask=m, other=0.0)
+    return tl.sum(a0, 0), tl.sum(a1, 0), tl.sum(a2, 0)
+
+
+@triton.jit
+def _rms(s, n):
+    return tl.maximum(tl.sqrt(s / n), 1e-6)
+
+
+@triton.jit
+def _band_logits(
+    qrow_ptr, row_ok, kT_ptr, NKB, k_ok, seg0, seg1, SEG_LEN,
+    N_SEGS: tl.constexpr, R: tl.constexpr, BLOCK_N: tl.constexpr, KC: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    """acc[R, BLOCK_N] = q̄_band · k̄_band over the band's dims (one or two contiguous segments)."""
+    offs_c = tl.arange(0, KC)
+    offs_n = tl.arange(0, BLOCK_N)
+    acc = tl.zeros([R, BLOCK_N], dtype=tl.float32)
+    for s in tl.static_range(N_SEGS):
+        if s == 0:
+            start = seg0
+        else:
+            start = seg1
+        for c0 in range(0, SEG_LEN, KC):
+            c_ok = (c0 + offs_c) < SEG_LEN
+            dims = start + c0 + offs_c
+            a = tl.load(
+                qrow_ptr[:, None] + dims[None, :], mask=row_ok[:, None] & c_ok[None, :], other=0.0
+            )
+            bt = tl.load(
+                kT_ptr + dims.to(tl.int64)[:, None] * NKB + offs_n[None, :],
+                mask=c_ok[:, None] & k_ok[None, :],
+                other=0.0,
+            )
+            acc = tl.dot(a, bt, acc, input_precision=DOT_PREC)
+    return acc
+
+
+@triton.jit
+def _band_keep(
+    acc, scale, vis, nvis, target,
+    RULE: tl.constexpr, KEEP_ALL: tl.constexpr,
+):
+    """Block-causal fp32 softmax of ``acc * scale`` per row, then the rule's kept set (bool)."""
+    if KEEP_ALL:
+        keep = vis
+    else:
+        z = tl.where(vis, acc * scale[:, None], float("-inf"))
+        m = tl.max(z, 1)
+        m = tl.where(m == float("-inf"), 0.0, m)
+        e = tl.exp(z - m[:, None])
+        den = tl.sum(e, 1)
+        den = tl.where(den > 0.0, den, 1.0)
+        prob = e / den[:, None]
+        if RULE == 2:
+            keep = vis & (prob >= target)
+        else:
+            pb = tl.where(vis, prob.to(tl.int32, bitcast=True), -1)
+            hi = tl.max(pb, 1) + 1  # F(hi) = 0 < target: valid
+            lo = hi * 0 - 1  # below every value: "invalid" (F(lo) = total mass)
+            n_hi = hi * 0  # count(pb > hi)
+            n_lo = nvis  # count(pb > lo)
+            active = ((n_lo - n_hi) > 1) & ((hi - lo) > 1)
+            go = tl.max(active.to(tl.int32), 0) > 0
+            while go:
+                mid = lo + (hi - lo) // 2
+                above = pb > mid[:, None]
+                n_mid = tl.sum(above.to(tl.int32), 1)
+                if RULE == 1:
+                    val = n_mid.to(tl.float32)
+                else:
+                    val = tl.sum(tl.where(above, prob, 0.0), 1)
+                ok = val < target
+                up_hi = active & ok
+                up_lo = active & (val >= target)
+                hi = tl.where(up_hi, mid, hi)
+                n_hi = tl.where(up_hi, n_mid, n_hi)
+                lo = tl.where(up_lo, mid, lo)
+                n_lo = tl.where(up_lo, n_mid, n_lo)
+                active = ((n_lo - n_hi) > 1) & ((hi - lo) > 1)
+                go = tl.max(active.to(tl.int32), 0) > 0
+            keep = pb > lo[:, None]
+    return keep
+
+
+@triton.jit
+def _select_kernel(
+    qbar_ptr, kbarT_ptr, qst_ptr, kst_ptr,
+    kv_num_ptr, kv_idx_ptr, full_num_ptr, full_idx_ptr,
+    HQ, HKV, G, SQ, NQB, NKB, D, PREFIX,
+    HI_SEG0, HI_SEG1, HI_SEG_LEN, LO_SEG0, LO_SEG1, LO_SEG_LEN, W_HI, W_LO,
+    scale_hi0, scale_lo0, frac_hi, frac_lo, tgt_hi, tgt_lo, n_q_tiles, n_g_tiles,
+    N_SEGS: tl.constexpr, CALIBRATE: tl.constexpr, RULE: tl.constexpr,
+    ALL_HI: tl.constexpr, ALL_LO: tl.constexpr,
+    FORCE_SINK: tl.constexpr, FORCE_DIAG: tl.constexpr,
+    BS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
+    KC: tl.constexpr, ST_CHUNK: tl.constexpr, NQ_CHUNKS: tl.constexpr, NK_CHUNKS: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    R: tl.constexpr = BLOCK_G * BLOCK_Q
+    pid = tl.program_id(0)
+    # largest query tiles (most KV blocks) first; the G heads of a KV head are adjacent
+    qt = n_q_tiles - 1 - pid % n_q_tiles
+    rest = pid // n_q_tiles
+    gt = rest % n_g_tiles
+    bkv = rest // n_g_tiles  # b * HKV + kv head
+    b = bkv // HKV
+    kvh = bkv % HKV
+
+    r = tl.arange(0, R)
+    g = gt * BLOCK_G + r // BLOCK_Q
+    qi = qt * BLOCK_Q + r % BLOCK_Q
+    row_ok = (g < G) & (qi < NQB)
+    h = kvh * G + g
+    bh = b * HQ + h  # [R]
+
+    # ---- block-causal geometry of every row ------------------------------------------------
+    j = tl.arange(0, BLOCK_N)
+    last_q = PREFIX + tl.minimum((qi + 1) * BS, SQ) - 1  # absolute position of the last query
+    nvis = tl.where(row_ok, tl.minimum(last_q // BS + 1, NKB), 0)
+    vis = j[None, :] < nvis[:, None]
+    part = vis & ((j[None, :] * BS + BS - 1) > (PREFIX + qi * BS)[:, None])
+    k_ok = j < tl.max(nvis, 0)
+
+    # ---- band temperatures (energy calibration, DESIGN §4.3) ------------------------------------
+    if CALIBRATE:
+        k_all, k_hi, k_lo = _band_sums(kst_ptr + bkv.to(tl.int64) * 3 * NKB, NKB, ST_CHUNK, NK_CHUNKS)
+        rk = _rms(k_all, NKB * D)
+        rk_hi = _rms(k_hi, NKB * W_HI) / rk
+        rk_lo = _rms(k_lo, NKB * W_LO) / rk
+        scale_hi = tl.zeros([R], dtype=tl.float32)
+        scale_lo = tl.zeros([R], dtype=tl.float32)
+        for gg in tl.static_range(BLOCK_G):
+            hh = kvh * G + gt * BLOCK_G + gg
+            h_ok = (gt * BLOCK_G + gg) < G
+            hh = tl.where(h_ok, hh, kvh * G)
+            q_all, q_hi, q_lo = _band_sums(
+                qst_ptr + (b * HQ + hh).to(tl.int64) * 3 * NQB, NQB, ST_CHUNK, NQ_CHUNKS
+            )
+            rq = _rms(q_all, NQB * D)
+            tau_hi = frac_hi * (_rms(q_hi, NQB * W_HI) / rq) * rk_hi
+            tau_lo = frac_lo * (_rms(q_lo, NQB * W_LO) / rq) * rk_lo
+            mine = (r // BLOCK_Q) == gg
+            scale_hi = tl.where(mine, scale_hi0 / tau_hi, scale_hi)
+            scale_lo = tl.where(mine, scale_lo0 / tau_lo, scale_lo)
+    else:
+        scale_hi = tl.zeros([R], dtype=tl.float32) + scale_hi0
+        scale_lo = tl.zeros([R], dtype=tl.float32) + scale_lo0
+
+    # ---- per band: logits -> softmax -> kept set; union --------------------------------------
+    qrow_ptr = qbar_ptr + (bh.to(tl.int64) * NQB + qi) * D
+    kT_ptr = kbarT_ptr + bkv.to(tl.int64) * D * NKB
+    acc = _band_logits(
+        qrow_ptr, row_ok, kT_ptr, NKB, k_ok, HI_SEG0, HI_SEG1, HI_SEG_LEN,
+        N_SEGS, R, BLOCK_N, KC, DOT_PREC,
+    )
+    sel = _band_keep(acc, scale_hi, vis, nvis, tgt_hi, RULE, ALL_HI)
+    acc = _band_logits(
+        qrow_ptr, row_ok, kT_ptr, NKB, k_ok, LO_SEG0, LO_SEG1, LO_SEG_LEN,
+        N_SEGS, R, BLOCK_N, KC, DOT_PREC,
+    )
+    sel = sel | _band_keep(acc, scale_lo, vis, nvis, tgt_lo, RULE, ALL_LO)
+
+    # ---- forced blocks, causal clip ------------------------------------------------------------
+    if FORCE_SINK:
+        sel = sel | (j == 0)[None, :]
+    if FORCE_DIAG:
+        sel = sel | part
+    sel = sel & vis
+
+    # ---- block lists (ascending selected, then ascending unselected) --------------------------
+    psel = sel & part
+    fsel = sel & (~part)
+    code = fsel.to(tl.int32) + psel.to(tl.int32) * 65536
+    c = tl.cumsum(code, 1)  # inclusive prefix counts of both lists at once
+    cf = c & 65535
+    cp = c >> 16
+    n_f = tl.sum(fsel.to(tl.int32), 1)
+    n_p = tl.sum(psel.to(tl.int32), 1)
+    jj = j[None, :] + r[:, None] * 0
+    pos_f = tl.where(fsel, cf - 1, n_f[:, None] + jj - cf)
+    pos_p = tl.where(psel, cp - 1, n_p[:, None] + jj - cp)
+    row_off = (bh.to(tl.int64) * NQB + qi) * NKB
+    st_ok = row_ok[:, None] & (j < NKB)[None, :]
+    tl.store(full_idx_ptr + row_off[:, None] + pos_f, jj, mask=st_ok)
+    tl.store(kv_idx_ptr + row_off[:, None] + pos_p, jj, mask=st_ok)
+    num_off = bh * NQB + qi
+    tl.store(full_num_ptr + num_off, n_f, mask=row_ok)
+    tl.store(kv_num_ptr + num_off, n_p, mask=row_ok)
+
+
+# ------------------------------------------------------------------------------------------------
+# host side
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SelectConfig:
+    """Launch shape of the select kernel: rows per program ``BLOCK_G * BLOCK_Q`` (>= 16 for
+    ``tl.dot``), ``num_warps``, dot K-chunk ``kc`` and dot precision (``"ieee"`` = exact fp32)."""
+
+    block_g: int
+    block_q: int
+    num_warps: int
+    kc: int = 16
+    dot_prec: str = "ieee"
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def pick_select_config(g: int, nkb: int, rows: int = 16, elems_per_thread: int = 32) -> SelectConfig:
+    """Default launch shape: 16 rows (the GQA group first), about ``elems_per_thread`` fp32 per
+    thread for one [rows, BLOCK_N] register tile."""
+    block_n = max(16, _next_pow2(nkb))
+    block_g = min(_next_pow2(g), rows)
+    block_q = max(1, rows // block_g)
+    warps = rows * block_n // (32 * elems_per_thread)
+    warps = max(1, min(16, _next_pow2(max(1, warps))))
+    return SelectConfig(block_g, block_q, warps)
+
+
+def _band_widths(config, d: int) -> tuple[int, int]:
+    high = config.high_dims if config.high_dims is not None else d // 2
+    low = config.low_dims if config.low_dims is not None else (3 * d) // 4
+    for name, w in (("high_dims", high), ("low_dims", low)):
+        if w > d or w % 2 or w <= 0:
+            raise ValueError(f"{name}={w} must be a positive even number <= the head dim D={d}")
+    return high, low
+
+
+def supports(q: torch.Tensor, k: torch.Tensor, config) -> bool:
+    """Whether the fused path handles these inputs / this config (else use the PyTorch path)."""
+    nkb = math.ceil(k.shape[2] / config.block_size)
+    return (
+        q.dim() == 4
+        and k.dim() == 4
+        and q.shape[-1] % 2 == 0
+        and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
+        and getattr(config, "rule", "top_p") in _RULES
+        and _next_pow2(nkb) <= MAX_BLOCK_N
+    )
+
+
+def prism_select_block_lists(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    config,
+    launch: SelectConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Prism selection of ``q [B, Hq, Sq, D]``, ``k [B, Hkv, Sk, D]`` as BlockMask block lists.
+
+    ``config``: a ``prism.scorers.prism.PrismConfig`` (block_size, threshold(_high/_low), rule,
+    top_k, min_prob, high_dims, low_dims, calibrate, rope_layout, force_sink, force_diagonal).
+    Returns ``(kv_num, kv_idx, full_num, full_idx)``: int32 ``[B, Hq, NQB]`` and
+    ``[B, Hq, NQB, NKB]`` — partial (causal-frontier) blocks and full blocks, selected indices first
+    in ascending order (the layout of ``prism.masks.bool_to_block_lists``).
+    """
+    if q.dim() != 4 or k.dim() != 4:
+        raise ValueError("q and k must be [B, H, S, D]")
+    b, hq, sq, d = q.shape
+    hkv, sk = k.shape[1], k.shape[2]
+    if k.shape[0] != b or k.shape[3] != d or hq % hkv or sq > sk or sq < 1:
+        raise ValueError(f"incompatible q {tuple(q.shape)} / k {tuple(k.shape)}")
+    if q.dtype != k.dtype or q.device != k.device:
+        raise ValueError("q and k must share dtype and device")
+    if not supports(q, k, config):
+        raise ValueError("the fused Prism estimator does not support these inputs / this config")
+    bs = int(config.block_size)
+    g = hq // hkv
+    nqb, nkb = math.ceil(sq / bs), math.ceil(sk / bs)
+    half = d // 2
+    w_hi, w_lo = _band_widths(config, d)
+    interleaved = config.rope_layout == "interleaved"
+    dev = q.device
+
+    # -- kernel 1: pooling -----------------------------------------------------------------------
+    qbar = torch.empty(b, hq, nqb, d, device=dev, dtype=torch.float32)
+    kbarT = torch.empty(b, hkv, d, nkb, device=dev, dtype=torch.float32)
+    qst = torch.empty(b, hq, 3, nqb, device=dev, dtype=torch.float32)
+    kst = torch.empty(b, hkv, 3, nkb, device=dev, dtype=torch.float32)
+    d_p = max(16, _next_pow2(d))
+    rows = max(1, min(bs, 4096 // d_p))
+    n_qprog = b * hq * nqb
+    _pool_kernel[(n_qprog + b * hkv * nkb,)](
+        q, *q.stride(), k, *k.stride(),
+        qbar, kbarT, qst, kst,
+        hq, hkv, sq, sk, nqb, nkb, d, half, w_hi // 2, half - w_lo // 2, n_qprog,
+        INTERLEAVED=interleaved, BS=bs, D_P=d_p, ROWS=rows,
+        num_warps=4,
+    )
+
+    # -- kernel 2: selection -> lists ------------------------------------------------------------
+    launch = launch or pick_select_config(g, nkb)
+    block_n = max(16, _next_pow2(nkb))
+    if launch.block_g * launch.block_q < 16:
+        raise ValueError("a select tile needs >= 16 rows (tl.dot)")
+    n_q_tiles = math.ceil(nqb / launch.block_q)
+    n_g_tiles = math.ceil(g / launch.block_g)
+    if interleaved:  # pair j = dims 2j, 2j+1: each band is one contiguous range
+        hi_seg = (0, 0, w_hi)
+        lo_seg = (2 * (half - w_lo // 2), 0, w_lo)
+        n_segs = 1
+    else:  # rotate_half: pair j = dims j, j + D/2
+        hi_seg = (0, half, w_hi // 2)
+        lo_seg = (half - w_lo // 2, d - w_lo // 2, w_lo // 2)
+        n_segs = 2
+    p_hi = config.threshold if config.threshold_high is None else config.threshold_high
+    p_lo = config.threshold if config.threshold_low is None else config.threshold_low
+    rule = _RULES[config.rule]
+    if rule == 0:
+        tgt_hi, tgt_lo = float(p_hi), float(p_lo)
+        all_hi, all_lo = p_hi >= 1.0, p_lo >= 1.0
+    elif rule == 1:
+        tgt_hi = tgt_lo = float(int(config.top_k))
+        all_hi = all_lo = False
+    else:
+        tgt_hi = tgt_lo = float(config.min_prob)
+        all_hi = all_lo = False
+    st_chunk = min(1024, max(16, _next_pow2(max(nqb, nkb))))
+
+    kv_num = torch.empty(b, hq, nqb, device=dev, dtype=torch.int32)
+    full_num = torch.empty(b, hq, nqb, device=dev, dtype=torch.int32)
+    kv_idx = torch.empty(b, hq, nqb, nkb, device=dev, dtype=torch.int32)
+    full_idx = torch.empty(b, hq, nqb, nkb, device=dev, dtype=torch.int32)
+    grid = (n_q_tiles * n_g_tiles * b * hkv,)
+    _select_kernel[grid](
+        qbar, kbarT, qst, kst,
+        kv_num, kv_idx, full_num, full_idx,
+        hq, hkv, g, sq, nqb, nkb, d, sk - sq,
+        *hi_seg, *lo_seg, w_hi, w_lo,
+        1.0 / math.sqrt(w_hi), 1.0 / math.sqrt(w_lo), math.sqrt(w_hi / d), math.sqrt(w_lo / d),
+        tgt_hi, tgt_lo, n_q_tiles, n_g_tiles,
+        N_SEGS=n_segs, CALIBRATE=bool(config.calibrate), RULE=rule,
+        ALL_HI=bool(all_hi), ALL_LO=bool(all_lo),
+        FORCE_SINK=bool(config.force_sink), FORCE_DIAG=bool(config.force_diagonal),
+        BS=bs, BLOCK_G=launch.block_g, BLOCK_Q=launch.block_q, BLOCK_N=block_n,
+        KC=launch.kc, ST_CHUNK=st_chunk,
+        NQ_CHUNKS=math.ceil(nqb / st_chunk), NK_CHUNKS=math.ceil(nkb / st_chunk),
+        DOT_PREC=launch.dot_prec,
+        num_warps=launch.num_warps,
+    )
+    return kv_num, kv_idx, full_num, full_idx
+
+
+def block_lists_to_block_mask(kv_num, kv_idx, full_num, full_idx, sq: int, sk: int, block_size: int):
+    """FlexAttention ``BlockMask`` (partial blocks with the causal ``mask_mod``, full blocks
+    without) from the four lists, exactly as ``prism.masks.selection_to_block_mask`` builds it."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    from ...masks.blockmask import causal_mask_mod
+
+    return BlockMask.from_kv_blocks(
+        kv_num,
+        kv_idx,
+        full_num,
+        full_idx,
+        BLOCK_SIZE=block_size,
+        mask_mod=causal_mask_mod(sk - sq),
+        seq_lengths=(sq, sk),
+        compute_q_blocks=False,
+    )
+
+
+def block_lists_to_selection(lists, sq: int, sk: int, block_size: int, **info):
+    """A :class:`prism.scorers.prism_fused.ListBlockSelection` carrying the lists (its
+    ``block_mask()`` reuses them; its ``mask`` is expanded from them lazily)."""
+    from ...scorers.prism_fused import ListBlockSelection
+
+    return ListBlockSelection(lists, sq, sk, block_size, info=dict(info))
