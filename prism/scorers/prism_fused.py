@@ -46,7 +46,9 @@ class ListBlockSelection(BlockSelection):
     ) -> None:
         kv_num, kv_idx, full_num, full_idx = lists
         if kv_num.dim() != 3 or kv_idx.dim() != 4 or full_num.shape != kv_num.shape:
-            raise ValueError("lists must be (kv_num [B,H,NQB], kv_idx [B,H,NQB,W], full_num, full_idx)")
+            raise ValueError(
+                "lists must be (kv_num [B,H,NQB], kv_idx [B,H,NQB,W], full_num, full_idx)"
+            )
         self.lists = (kv_num, kv_idx, full_num, full_idx)
         self.q_len, self.kv_len, self.block_size = int(q_len), int(kv_len), int(block_size)
         self.info = dict(info or {})

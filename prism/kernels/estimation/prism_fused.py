@@ -75,9 +75,30 @@ _RULES = {"top_p": 0, "top_k": 1, "min_prob": 2}
 # ------------------------------------------------------------------------------------------------
 @triton.jit
 def _pool_one(
-    x_ptr, sxb, sxh, sxs, sxd, out_ptr, so_head, so_blk, so_d, st_ptr,
-    b, h, blk, H, S, NB, D, HALF_D, HI_PAIRS, LO_PAIR0,
-    INTERLEAVED: tl.constexpr, BS: tl.constexpr, D_P: tl.constexpr, ROWS: tl.constexpr,
+    x_ptr,
+    sxb,
+    sxh,
+    sxs,
+    sxd,
+    out_ptr,
+    so_head,
+    so_blk,
+    so_d,
+    st_ptr,
+    b,
+    h,
+    blk,
+    H,
+    S,
+    NB,
+    D,
+    HALF_D,
+    HI_PAIRS,
+    LO_PAIR0,
+    INTERLEAVED: tl.constexpr,
+    BS: tl.constexpr,
+    D_P: tl.constexpr,
+    ROWS: tl.constexpr,
 ):
     offs_r = tl.arange(0, ROWS)
     offs_d = tl.arange(0, D_P)
@@ -110,28 +131,95 @@ def _pool_one(
 
 @triton.jit
 def _pool_kernel(
-    q_ptr, sqb, sqh, sqs, sqd, k_ptr, skb, skh, sks, skd,
-    qbar_ptr, kbarT_ptr, qst_ptr, kst_ptr,
-    HQ, HKV, SQ, SK, NQB, NKB, D, HALF_D, HI_PAIRS, LO_PAIR0, N_QPROG,
-    INTERLEAVED: tl.constexpr, BS: tl.constexpr, D_P: tl.constexpr, ROWS: tl.constexpr,
+    q_ptr,
+    sqb,
+    sqh,
+    sqs,
+    sqd,
+    k_ptr,
+    skb,
+    skh,
+    sks,
+    skd,
+    qbar_ptr,
+    kbarT_ptr,
+    qst_ptr,
+    kst_ptr,
+    HQ,
+    HKV,
+    SQ,
+    SK,
+    NQB,
+    NKB,
+    D,
+    HALF_D,
+    HI_PAIRS,
+    LO_PAIR0,
+    N_QPROG,
+    INTERLEAVED: tl.constexpr,
+    BS: tl.constexpr,
+    D_P: tl.constexpr,
+    ROWS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     if pid < N_QPROG:
         blk = pid % NQB
         bh = pid // NQB
         _pool_one(
-            q_ptr, sqb, sqh, sqs, sqd, qbar_ptr, NQB * D, D, 1, qst_ptr,
-            bh // HQ, bh % HQ, blk, HQ, SQ, NQB, D, HALF_D, HI_PAIRS, LO_PAIR0,
-            INTERLEAVED, BS, D_P, ROWS,
+            q_ptr,
+            sqb,
+            sqh,
+            sqs,
+            sqd,
+            qbar_ptr,
+            NQB * D,
+            D,
+            1,
+            qst_ptr,
+            bh // HQ,
+            bh % HQ,
+            blk,
+            HQ,
+            SQ,
+            NQB,
+            D,
+            HALF_D,
+            HI_PAIRS,
+            LO_PAIR0,
+            INTERLEAVED,
+            BS,
+            D_P,
+            ROWS,
         )
     else:
         p2 = pid - N_QPROG
         blk = p2 % NKB
         bh = p2 // NKB
         _pool_one(
-            k_ptr, skb, skh, sks, skd, kbarT_ptr, D * NKB, 1, NKB, kst_ptr,
-            bh // HKV, bh % HKV, blk, HKV, SK, NKB, D, HALF_D, HI_PAIRS, LO_PAIR0,
-            INTERLEAVED, BS, D_P, ROWS,
+            k_ptr,
+            skb,
+            skh,
+            sks,
+            skd,
+            kbarT_ptr,
+            D * NKB,
+            1,
+            NKB,
+            kst_ptr,
+            bh // HKV,
+            bh % HKV,
+            blk,
+            HKV,
+            SK,
+            NKB,
+            D,
+            HALF_D,
+            HI_PAIRS,
+            LO_PAIR0,
+            INTERLEAVED,
+            BS,
+            D_P,
+            ROWS,
         )
 
 
@@ -161,8 +249,18 @@ def _rms(s, n):
 
 @triton.jit
 def _band_logits(
-    qrow_ptr, row_ok, kT_ptr, NKB, k_ok, seg0, seg1, SEG_LEN,
-    N_SEGS: tl.constexpr, R: tl.constexpr, BLOCK_N: tl.constexpr, KC: tl.constexpr,
+    qrow_ptr,
+    row_ok,
+    kT_ptr,
+    NKB,
+    k_ok,
+    seg0,
+    seg1,
+    SEG_LEN,
+    N_SEGS: tl.constexpr,
+    R: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    KC: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
     """acc[R, BLOCK_N] = q̄_band · k̄_band over the band's dims (one or two contiguous segments)."""
@@ -191,8 +289,13 @@ def _band_logits(
 
 @triton.jit
 def _band_keep(
-    acc, scale, vis, nvis, target,
-    RULE: tl.constexpr, KEEP_ALL: tl.constexpr,
+    acc,
+    scale,
+    vis,
+    nvis,
+    target,
+    RULE: tl.constexpr,
+    KEEP_ALL: tl.constexpr,
 ):
     """Block-causal fp32 softmax of ``acc * scale`` per row, then the rule's kept set (bool)."""
     if KEEP_ALL:
@@ -238,16 +341,53 @@ def _band_keep(
 
 @triton.jit
 def _select_kernel(
-    qbar_ptr, kbarT_ptr, qst_ptr, kst_ptr,
-    kv_num_ptr, kv_idx_ptr, full_num_ptr, full_idx_ptr,
-    HQ, HKV, G, SQ, NQB, NKB, D, PREFIX,
-    HI_SEG0, HI_SEG1, HI_SEG_LEN, LO_SEG0, LO_SEG1, LO_SEG_LEN, W_HI, W_LO,
-    scale_hi0, scale_lo0, frac_hi, frac_lo, tgt_hi, tgt_lo, n_q_tiles, n_g_tiles,
-    N_SEGS: tl.constexpr, CALIBRATE: tl.constexpr, RULE: tl.constexpr,
-    ALL_HI: tl.constexpr, ALL_LO: tl.constexpr,
-    FORCE_SINK: tl.constexpr, FORCE_DIAG: tl.constexpr,
-    BS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
-    KC: tl.constexpr, ST_CHUNK: tl.constexpr, NQ_CHUNKS: tl.constexpr, NK_CHUNKS: tl.constexpr,
+    qbar_ptr,
+    kbarT_ptr,
+    qst_ptr,
+    kst_ptr,
+    kv_num_ptr,
+    kv_idx_ptr,
+    full_num_ptr,
+    full_idx_ptr,
+    HQ,
+    HKV,
+    G,
+    SQ,
+    NQB,
+    NKB,
+    D,
+    PREFIX,
+    HI_SEG0,
+    HI_SEG1,
+    HI_SEG_LEN,
+    LO_SEG0,
+    LO_SEG1,
+    LO_SEG_LEN,
+    W_HI,
+    W_LO,
+    scale_hi0,
+    scale_lo0,
+    frac_hi,
+    frac_lo,
+    tgt_hi,
+    tgt_lo,
+    n_q_tiles,
+    n_g_tiles,
+    N_SEGS: tl.constexpr,
+    CALIBRATE: tl.constexpr,
+    RULE: tl.constexpr,
+    ALL_HI: tl.constexpr,
+    ALL_LO: tl.constexpr,
+    FORCE_SINK: tl.constexpr,
+    FORCE_DIAG: tl.constexpr,
+    BS: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    KC: tl.constexpr,
+    ST_CHUNK: tl.constexpr,
+    NQ_CHUNKS: tl.constexpr,
+    NK_CHUNKS: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
     R: tl.constexpr = BLOCK_G * BLOCK_Q
@@ -277,7 +417,9 @@ def _select_kernel(
 
     # ---- band temperatures (energy calibration, DESIGN §4.3) ------------------------------------
     if CALIBRATE:
-        k_all, k_hi, k_lo = _band_sums(kst_ptr + bkv.to(tl.int64) * 3 * NKB, NKB, ST_CHUNK, NK_CHUNKS)
+        k_all, k_hi, k_lo = _band_sums(
+            kst_ptr + bkv.to(tl.int64) * 3 * NKB, NKB, ST_CHUNK, NK_CHUNKS
+        )
         rk = _rms(k_all, NKB * D)
         rk_hi = _rms(k_hi, NKB * W_HI) / rk
         rk_lo = _rms(k_lo, NKB * W_LO) / rk
@@ -304,13 +446,35 @@ def _select_kernel(
     qrow_ptr = qbar_ptr + (bh.to(tl.int64) * NQB + qi) * D
     kT_ptr = kbarT_ptr + bkv.to(tl.int64) * D * NKB
     acc = _band_logits(
-        qrow_ptr, row_ok, kT_ptr, NKB, k_ok, HI_SEG0, HI_SEG1, HI_SEG_LEN,
-        N_SEGS, R, BLOCK_N, KC, DOT_PREC,
+        qrow_ptr,
+        row_ok,
+        kT_ptr,
+        NKB,
+        k_ok,
+        HI_SEG0,
+        HI_SEG1,
+        HI_SEG_LEN,
+        N_SEGS,
+        R,
+        BLOCK_N,
+        KC,
+        DOT_PREC,
     )
     sel = _band_keep(acc, scale_hi, vis, nvis, tgt_hi, RULE, ALL_HI)
     acc = _band_logits(
-        qrow_ptr, row_ok, kT_ptr, NKB, k_ok, LO_SEG0, LO_SEG1, LO_SEG_LEN,
-        N_SEGS, R, BLOCK_N, KC, DOT_PREC,
+        qrow_ptr,
+        row_ok,
+        kT_ptr,
+        NKB,
+        k_ok,
+        LO_SEG0,
+        LO_SEG1,
+        LO_SEG_LEN,
+        N_SEGS,
+        R,
+        BLOCK_N,
+        KC,
+        DOT_PREC,
     )
     sel = sel | _band_keep(acc, scale_lo, vis, nvis, tgt_lo, RULE, ALL_LO)
 
@@ -361,7 +525,9 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
-def pick_select_config(g: int, nkb: int, rows: int = 16, elems_per_thread: int = 32) -> SelectConfig:
+def pick_select_config(
+    g: int, nkb: int, rows: int = 16, elems_per_thread: int = 32
+) -> SelectConfig:
     """Default launch shape: 16 rows (the GQA group first), about ``elems_per_thread`` fp32 per
     thread for one [rows, BLOCK_N] register tile."""
     block_n = max(16, _next_pow2(nkb))
@@ -435,10 +601,29 @@ def prism_select_block_lists(
     rows = max(1, min(bs, 4096 // d_p))
     n_qprog = b * hq * nqb
     _pool_kernel[(n_qprog + b * hkv * nkb,)](
-        q, *q.stride(), k, *k.stride(),
-        qbar, kbarT, qst, kst,
-        hq, hkv, sq, sk, nqb, nkb, d, half, w_hi // 2, half - w_lo // 2, n_qprog,
-        INTERLEAVED=interleaved, BS=bs, D_P=d_p, ROWS=rows,
+        q,
+        *q.stride(),
+        k,
+        *k.stride(),
+        qbar,
+        kbarT,
+        qst,
+        kst,
+        hq,
+        hkv,
+        sq,
+        sk,
+        nqb,
+        nkb,
+        d,
+        half,
+        w_hi // 2,
+        half - w_lo // 2,
+        n_qprog,
+        INTERLEAVED=interleaved,
+        BS=bs,
+        D_P=d_p,
+        ROWS=rows,
         num_warps=4,
     )
 
@@ -477,25 +662,58 @@ def prism_select_block_lists(
     full_idx = torch.empty(b, hq, nqb, nkb, device=dev, dtype=torch.int32)
     grid = (n_q_tiles * n_g_tiles * b * hkv,)
     _select_kernel[grid](
-        qbar, kbarT, qst, kst,
-        kv_num, kv_idx, full_num, full_idx,
-        hq, hkv, g, sq, nqb, nkb, d, sk - sq,
-        *hi_seg, *lo_seg, w_hi, w_lo,
-        1.0 / math.sqrt(w_hi), 1.0 / math.sqrt(w_lo), math.sqrt(w_hi / d), math.sqrt(w_lo / d),
-        tgt_hi, tgt_lo, n_q_tiles, n_g_tiles,
-        N_SEGS=n_segs, CALIBRATE=bool(config.calibrate), RULE=rule,
-        ALL_HI=bool(all_hi), ALL_LO=bool(all_lo),
-        FORCE_SINK=bool(config.force_sink), FORCE_DIAG=bool(config.force_diagonal),
-        BS=bs, BLOCK_G=launch.block_g, BLOCK_Q=launch.block_q, BLOCK_N=block_n,
-        KC=launch.kc, ST_CHUNK=st_chunk,
-        NQ_CHUNKS=math.ceil(nqb / st_chunk), NK_CHUNKS=math.ceil(nkb / st_chunk),
+        qbar,
+        kbarT,
+        qst,
+        kst,
+        kv_num,
+        kv_idx,
+        full_num,
+        full_idx,
+        hq,
+        hkv,
+        g,
+        sq,
+        nqb,
+        nkb,
+        d,
+        sk - sq,
+        *hi_seg,
+        *lo_seg,
+        w_hi,
+        w_lo,
+        1.0 / math.sqrt(w_hi),
+        1.0 / math.sqrt(w_lo),
+        math.sqrt(w_hi / d),
+        math.sqrt(w_lo / d),
+        tgt_hi,
+        tgt_lo,
+        n_q_tiles,
+        n_g_tiles,
+        N_SEGS=n_segs,
+        CALIBRATE=bool(config.calibrate),
+        RULE=rule,
+        ALL_HI=bool(all_hi),
+        ALL_LO=bool(all_lo),
+        FORCE_SINK=bool(config.force_sink),
+        FORCE_DIAG=bool(config.force_diagonal),
+        BS=bs,
+        BLOCK_G=launch.block_g,
+        BLOCK_Q=launch.block_q,
+        BLOCK_N=block_n,
+        KC=launch.kc,
+        ST_CHUNK=st_chunk,
+        NQ_CHUNKS=math.ceil(nqb / st_chunk),
+        NK_CHUNKS=math.ceil(nkb / st_chunk),
         DOT_PREC=launch.dot_prec,
         num_warps=launch.num_warps,
     )
     return kv_num, kv_idx, full_num, full_idx
 
 
-def block_lists_to_block_mask(kv_num, kv_idx, full_num, full_idx, sq: int, sk: int, block_size: int):
+def block_lists_to_block_mask(
+    kv_num, kv_idx, full_num, full_idx, sq: int, sk: int, block_size: int
+):
     """FlexAttention ``BlockMask`` (partial blocks with the causal ``mask_mod``, full blocks
     without) from the four lists, exactly as ``prism.masks.selection_to_block_mask`` builds it."""
     from torch.nn.attention.flex_attention import BlockMask
