@@ -1,0 +1,191 @@
+"""XAttention: antidiagonal block scoring (Xu et al., arXiv 2503.16428; DESIGN.md §5).
+
+With stride S, query group i is queries ``[iS, iS + S)`` of the query-local grid and key group j is
+keys ``[jS, jS + S)`` of the absolute grid (S divides BS, so groups nest in blocks). The score of
+(i, j) is the sum over the antidiagonal of their S×S tile,
+
+    x[i, j] = Σ_t q[iS + S − 1 − t] · k[jS + t] / (sqrt(D) · S),
+
+computed as one matmul by regrouping: every S consecutive keys are laid side by side in the feature
+dimension (a free view of K), and every S consecutive queries likewise but in reverse order. Rows
+of x get a causal mask in the reduced space (group j is visible to group i iff ``jS <=`` the
+absolute position of i's last real query, the same rule as the block geometry of §3), a float32
+softmax over their visible key groups, and the probabilities are summed into BS×BS blocks
+((BS/S)² entries each) and normalised per block row, giving ``A [B, Hq, NQB, NKB]`` whose rows sum
+to 1.
+
+Per (head, query block) the selection counts the forced blocks first (the sink and the partial /
+diagonal blocks, as configured), then adds the remaining visible blocks in descending ``A`` while
+the mass strictly before a block is ``< threshold ×`` the row total (the minimal set reaching τ).
+
+Choices where the published method leaves freedom (documented, mirrored by the test reference):
+
+* Ragged lengths: groups and blocks are zero-padded (a partial group's antidiagonal simply misses
+  the padded terms, like the published zero padding); reduced rows that hold no real query are
+  dropped, and a block row's normalisation counts only its real rows.
+* Cached prefix: query groups live on the query-local grid (so they nest in query blocks), key
+  groups on the absolute grid; the causal rule above then covers any ``P = Sk − Sq``.
+* ``threshold >= 1`` keeps every visible block (dense).
+
+Cost ≈ 1/S of the QKᵀ FLOPs. The work is chunked over queries (``chunk_size`` tokens, a multiple of
+BS): a chunk only meets the key groups visible to it, and its memory is
+``B · Hq · (chunk/S) · (Sk/S)`` logits (input dtype) plus as many float32 probabilities — never S×S.
+Dot products run in the input dtype with fp32 accumulation; softmax and sums are float32. K is
+copied only when it is not contiguous or Sk is not a multiple of BS (zero padding).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..masks import BlockSelection, block_causal
+from .base import Scorer, ScorerConfig, register_scorer
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+@dataclass
+class XAttnConfig(ScorerConfig):
+    """XAttention knobs (published defaults).
+
+    threshold: τ, the share of each block row's estimated mass to cover (default 0.9).
+    stride: S, the antidiagonal stride (8 published; 16 also published); must divide block_size.
+    chunk_size: query tokens scored per step (a multiple of block_size); bounds the memory.
+    """
+
+    threshold: float = 0.9
+    stride: int = 8
+    chunk_size: int = 2048
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_int("stride", self.stride, 1)
+        if self.block_size % self.stride:
+            raise ValueError(
+                f"stride {self.stride} must divide block_size {self.block_size} (8 and 16 are the "
+                "published strides)"
+            )
+        _check_int("chunk_size", self.chunk_size, 1)
+        if self.chunk_size % self.block_size:
+            raise ValueError(
+                f"chunk_size {self.chunk_size} must be a multiple of block_size {self.block_size}"
+            )
+
+
+def cover(
+    mass: torch.Tensor, p: float, candidates: torch.Tensor, start: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Minimal descending set of ``candidates`` covering a share ``p`` of the mass.
+
+    mass float [..., N] (>= 0); candidates bool, broadcastable to mass; start float [...] or None:
+    mass already covered (e.g. forced blocks), counted before any candidate. The total is
+    ``start + Σ candidate mass``. A candidate is kept iff ``start +`` (mass of the candidates
+    strictly before it in descending order) ``< p × total``; ``p >= 1`` keeps every candidate.
+    Cumulative sums run in float64 so that long rows (one entry per token) stay exact enough.
+    Returns bool [..., N].
+    """
+    candidates = candidates.expand(mass.shape)
+    if p >= 1.0:
+        return candidates.clone()
+    key = mass.float().masked_fill(~candidates, -1.0)
+    sorted_key, order = key.sort(dim=-1, descending=True)
+    m = sorted_key.clamp_min(0.0).double()
+    csum = m.cumsum(dim=-1)
+    total = csum[..., -1:]
+    before = F.pad(csum[..., :-1], (1, 0))
+    if start is not None:
+        start = start.double().unsqueeze(-1)
+        before = before + start
+        total = total + start
+    keep_sorted = before < p * total
+    keep = torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
+    return keep & candidates
+
+
+@register_scorer("xattn")
+class XAttnScorer(Scorer):
+    """XAttention antidiagonal scorer; see the module docstring for the exact definition."""
+
+    Config = XAttnConfig
+
+    def block_scores(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """Antidiagonal block scores ``A``: float32 [B, Hq, NQB, NKB], each row sums to 1 over its
+        visible blocks (0 elsewhere). Chunked over queries; see the module docstring."""
+        c = self.config
+        b, hq, sq, d = q.shape
+        hkv, sk = k.shape[1], k.shape[2]
+        g = hq // hkv
+        bs, st = c.block_size, c.stride
+        gpb = bs // st  # groups per block
+        nqb, nkb = -(-sq // bs), -(-sk // bs)
+        prefix = sk - sq
+        dev = q.device
+
+        kpad = nkb * bs - sk
+        kk = F.pad(k, (0, 0, 0, kpad)) if kpad else k
+        # k_red[j] = k[jS], k[jS + 1], ..., k[jS + S − 1] side by side: a view of contiguous K
+        k_red = kk.reshape(b, hkv, nkb * gpb, st * d)
+        scale = 1.0 / (math.sqrt(d) * st)
+
+        out = torch.zeros(b, hq, nqb, nkb, dtype=torch.float32, device=dev)
+        for q0 in range(0, sq, c.chunk_size):
+            q1 = min(q0 + c.chunk_size, sq)
+            n = q1 - q0
+            npad = -(-n // bs) * bs - n
+            qc = q[:, :, q0:q1]
+            if npad:
+                qc = F.pad(qc, (0, 0, 0, npad))
+            rows = (n + npad) // st
+            # q_red[i] = q[iS + S − 1], ..., q[iS] side by side (reversed), pre-scaled
+            q_red = (qc.unflatten(2, (rows, st)).flip(3) * scale).reshape(b, hkv, g * rows, st * d)
+            nkb_c = (prefix + q1 - 1) // bs + 1  # key blocks visible to this chunk
+            ncols = nkb_c * gpb
+            logits = torch.matmul(q_red, k_red[:, :, :ncols].transpose(-1, -2))
+            logits = logits.view(b, hq, rows, ncols)
+
+            grow = q0 // st + torch.arange(rows, device=dev)  # global reduced row index
+            row_last = prefix + torch.clamp((grow + 1) * st, max=sq) - 1  # last real query (abs)
+            # only columns at or right of the first row's causal frontier can be hidden
+            first_hidden = (prefix + min(q0 + st, sq) - 1) // st + 1
+            if first_hidden < ncols:
+                cols = torch.arange(first_hidden, ncols, device=dev)
+                hidden = cols[None, :] * st > row_last[:, None]
+                logits[..., first_hidden:].masked_fill_(hidden, float("-inf"))
+            probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+            del logits
+            real = grow * st < sq  # rows holding at least one real query
+            if npad >= st:
+                probs.masked_fill_(~real[:, None], 0.0)
+            blk = probs.view(b, hq, rows // gpb, gpb, nkb_c, gpb).sum(dim=(3, 5))
+            del probs
+            n_real = real.view(rows // gpb, gpb).sum(1, dtype=torch.float32)
+            i0 = q0 // bs
+            out[:, :, i0 : i0 + rows // gpb, :nkb_c] = blk / n_real[:, None]
+        return out
+
+    def select(self, q: torch.Tensor, k: torch.Tensor) -> BlockSelection:
+        c = self.config
+        sq, sk = q.shape[2], k.shape[2]
+        visible, partial = block_causal(sq, sk, c.block_size, q.device)
+        b, hq = q.shape[:2]
+        if c.threshold >= 1.0:
+            return self.finalize(visible.expand(b, hq, *visible.shape), sq, sk)
+        forced = torch.zeros_like(visible)
+        if c.force_sink:
+            forced[:, 0] = True
+        if c.force_diagonal:
+            forced |= partial
+        forced &= visible
+        scores = self.block_scores(q, k)
+        start = (scores * forced).sum(-1)
+        keep = cover(scores, c.threshold, visible & ~forced, start=start)
+        return self.finalize(keep | forced, sq, sk)
