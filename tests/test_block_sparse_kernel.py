@@ -207,7 +207,8 @@ def build_case_mask(c: dict, gen: torch.Generator):
 
 
 def _run_case(name: str, c: dict, mode: str) -> dict:
-    """mode: "ptr" / "tma" (launcher, pointer or TMA-descriptor K/V loads) or "op" (public API)."""
+    """mode: launcher with "ptr" (pointer loads) / "tma" (TMA-descriptor loads) / "pipe" (TMA +
+    software-pipelined full-block loop), or "op" (public API)."""
     from prism.kernels.block_sparse import triton_fwd
 
     gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
@@ -243,7 +244,8 @@ def _run_case(name: str, c: dict, mode: str) -> dict:
             scale,
             True,
             config=cfg,
-            use_tma=(mode == "tma"),
+            use_tma=(mode in ("tma", "pipe")),
+            pipe_pv=(mode == "pipe"),
             out=out,
             lse=lse,
         )
@@ -269,7 +271,7 @@ def _worker() -> None:
     from prism.kernels.block_sparse import triton_fwd
 
     assert triton_fwd.interpreter_active(), "worker started without TRITON_INTERPRET=1"
-    jobs = [(n, m) for m in ("ptr", "tma") for n in CASES] + [(n, "op") for n in OP_CASES]
+    jobs = [(n, m) for m in ("ptr", "tma", "pipe") for n in CASES] + [(n, "op") for n in OP_CASES]
     for name, mode in jobs:
         try:
             res = _run_case(name, CASES[name], mode)
@@ -315,7 +317,7 @@ def _check(r: dict, dtype: str):
     assert r["out_dtype"] == f"torch.{dtype}"
 
 
-@pytest.mark.parametrize("mode", ["ptr", "tma"])
+@pytest.mark.parametrize("mode", ["ptr", "tma", "pipe"])
 @pytest.mark.parametrize("name", list(CASES))
 def test_interpreter_kernel_vs_naive(interp_results, name, mode):
     r = interp_results[(name, mode)]

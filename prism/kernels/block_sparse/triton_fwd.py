@@ -63,6 +63,22 @@ def _load_kv(
 
 
 @triton.jit
+def _load_k(base, D_desc, kv_row0, start_n, offs_n, offs_d, stride_n, Sk,
+            USE_TMA: tl.constexpr, MASK_TAIL: tl.constexpr):
+    """One [BLOCK_N, HEAD_DIM] tile of K or V (see _load_kv)."""
+    if USE_TMA:
+        x = D_desc.load([kv_row0 + start_n, 0])
+    else:
+        kn = start_n + offs_n
+        if MASK_TAIL:
+            x = tl.load(base + kn[:, None] * stride_n + offs_d[None, :], mask=(kn < Sk)[:, None],
+                        other=0.0)
+        else:
+            x = tl.load(base + kn[:, None] * stride_n + offs_d[None, :])
+    return x
+
+
+@triton.jit
 def _update(acc, m_i, l_i, q, k, v, qk_scale, ok, MASKED: tl.constexpr, DOT_PREC: tl.constexpr):
     """One online-softmax step (base 2). ``ok`` [BLOCK_M, BLOCK_N] is used only when MASKED."""
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
@@ -106,6 +122,7 @@ def _bsa_fwd_kernel_py(
     EVEN_K: tl.constexpr,
     WRITE_LSE: tl.constexpr,
     USE_TMA: tl.constexpr,
+    PIPE_PV: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):  # fmt: skip
     SUB_N: tl.constexpr = BS_KV // BLOCK_N
@@ -144,16 +161,46 @@ def _bsa_fwd_kernel_py(
     if HAS_FULL:
         n_full = tl.load(FNUM + b64 * sfn_b + h64 * sfn_h + qb * sfn_m)
         f_idx = FIDX + b64 * sfi_b + h64 * sfi_h + qb * sfi_m
-        for it in range(0, n_full * SUB_N):
-            blk = tl.load(f_idx + it // SUB_N)
-            start_n = blk * BS_KV + (it % SUB_N) * BLOCK_N
-            k, v = _load_kv(k_base, v_base, Kd, Vd, kv_row0, start_n, offs_n, offs_d, skn, svn,
-                            Sk, USE_TMA, not EVEN_K)
-            if EVEN_K:
-                acc, m_i, l_i = _update(acc, m_i, l_i, q, k, v, qk_scale, 0, False, DOT_PREC)
-            else:
-                ok = ((start_n + offs_n) < Sk)[None, :]
-                acc, m_i, l_i = _update(acc, m_i, l_i, q, k, v, qk_scale, ok, True, DOT_PREC)
+        n_it = n_full * SUB_N
+        if PIPE_PV and EVEN_K:
+            # Software-pipelined order (FA3-style): in step j issue S_j = Q K_j^T, then
+            # O += P_{j-1} V_{j-1}, then the softmax of S_j, so the P V product can run on the
+            # tensor cores while the exponentials of the next tile are computed.
+            if n_it > 0:
+                blk = tl.load(f_idx)
+                prev_n = blk * BS_KV
+                k = _load_k(k_base, Kd, kv_row0, prev_n, offs_n, offs_d, skn, Sk, USE_TMA, False)
+                qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+                m_i = tl.max(qk, 1) * qk_scale
+                p = tl.math.exp2(qk * qk_scale - m_i[:, None])
+                l_i = tl.sum(p, 1)
+                for it in range(1, n_it):
+                    blk = tl.load(f_idx + it // SUB_N)
+                    start_n = blk * BS_KV + (it % SUB_N) * BLOCK_N
+                    k = _load_k(k_base, Kd, kv_row0, start_n, offs_n, offs_d, skn, Sk, USE_TMA, False)
+                    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+                    v = _load_k(v_base, Vd, kv_row0, prev_n, offs_n, offs_d, svn, Sk, USE_TMA, False)
+                    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+                    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+                    p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+                    alpha = tl.math.exp2(m_i - m_new)
+                    l_i = l_i * alpha + tl.sum(p, 1)
+                    acc = acc * alpha[:, None]
+                    m_i = m_new
+                    prev_n = start_n
+                v = _load_k(v_base, Vd, kv_row0, prev_n, offs_n, offs_d, svn, Sk, USE_TMA, False)
+                acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+        else:
+            for it in range(0, n_it):
+                blk = tl.load(f_idx + it // SUB_N)
+                start_n = blk * BS_KV + (it % SUB_N) * BLOCK_N
+                k, v = _load_kv(k_base, v_base, Kd, Vd, kv_row0, start_n, offs_n, offs_d, skn,
+                                svn, Sk, USE_TMA, not EVEN_K)
+                if EVEN_K:
+                    acc, m_i, l_i = _update(acc, m_i, l_i, q, k, v, qk_scale, 0, False, DOT_PREC)
+                else:
+                    ok = ((start_n + offs_n) < Sk)[None, :]
+                    acc, m_i, l_i = _update(acc, m_i, l_i, q, k, v, qk_scale, ok, True, DOT_PREC)
 
     # ---------------- partial blocks: causal predicate on every one ----------------
     n_part = tl.load(PNUM + b64 * spn_b + h64 * spn_h + qb * spn_m)
@@ -213,6 +260,7 @@ class KernelConfig:
     BLOCK_N: int = 64
     num_warps: int = 8
     num_stages: int = 3
+    pipe_pv: bool = False  # software-pipelined full-block loop (see the kernel)
 
 
 # Fixed table measured on the H200 (see benchmarks/results/kernels_*). Keyed on head dim; the
@@ -242,7 +290,7 @@ def pick_config(
             f"BLOCK_SIZE {(bs_q, bs_kv)} cannot be tiled: each block size must be a multiple of 16 "
             f"(got compute tiles {bm}x{bn})"
         )
-    return KernelConfig(bm, bn, cfg.num_warps, cfg.num_stages)
+    return KernelConfig(bm, bn, cfg.num_warps, cfg.num_stages, cfg.pipe_pv)
 
 
 def _mask_strides(t: torch.Tensor, B: int, Hq: int):
@@ -274,6 +322,7 @@ def block_sparse_attention_triton(
     return_lse: bool = False,
     config: KernelConfig | None = None,
     use_tma: bool | None = None,
+    pipe_pv: bool | None = None,
     out: torch.Tensor | None = None,
     lse: torch.Tensor | None = None,
 ):
@@ -335,6 +384,7 @@ def block_sparse_attention_triton(
         else:
             kd = TensorDescriptor(k, [B * Hkv * Sk, D], [D, 1], [cfg.BLOCK_N, D])
             vd = TensorDescriptor(v, [B * Hkv * Sk, D], [D, 1], [cfg.BLOCK_N, D])
+    cfg_pipe = cfg.pipe_pv
     kernel = _bsa_fwd_kernel
     args = (
         q,
@@ -384,6 +434,7 @@ def block_sparse_attention_triton(
         EVEN_K=(Sk % bs_kv == 0),
         WRITE_LSE=bool(return_lse),
         USE_TMA=bool(use_tma),
+        PIPE_PV=bool(cfg_pipe if pipe_pv is None else pipe_pv),
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
