@@ -62,7 +62,9 @@ __all__ = [
     "block_lists_to_block_mask",
     "block_lists_to_selection",
     "pick_select_config",
+    "pool_blocks_fused",
     "prism_select_block_lists",
+    "select_from_pooled",
     "supports",
 ]
 
@@ -519,6 +521,7 @@ class SelectConfig:
     num_warps: int
     kc: int = 16
     dot_prec: str = "ieee"
+    num_stages: int = 1
 
 
 def _next_pow2(n: int) -> int:
@@ -560,6 +563,174 @@ def supports(q: torch.Tensor, k: torch.Tensor, config) -> bool:
     )
 
 
+class _Plan:
+    """Shapes and kernel arguments shared by the two launches."""
+
+    def __init__(self, q: torch.Tensor, k: torch.Tensor, config) -> None:
+        if q.dim() != 4 or k.dim() != 4:
+            raise ValueError("q and k must be [B, H, S, D]")
+        b, hq, sq, d = q.shape
+        hkv, sk = k.shape[1], k.shape[2]
+        if k.shape[0] != b or k.shape[3] != d or hq % hkv or sq > sk or sq < 1:
+            raise ValueError(f"incompatible q {tuple(q.shape)} / k {tuple(k.shape)}")
+        if q.dtype != k.dtype or q.device != k.device:
+            raise ValueError("q and k must share dtype and device")
+        if not supports(q, k, config):
+            raise ValueError("the fused Prism estimator does not support these inputs / config")
+        self.b, self.hq, self.sq, self.d, self.hkv, self.sk = b, hq, sq, d, hkv, sk
+        self.bs = int(config.block_size)
+        self.g = hq // hkv
+        self.nqb, self.nkb = math.ceil(sq / self.bs), math.ceil(sk / self.bs)
+        self.half = d // 2
+        self.w_hi, self.w_lo = _band_widths(config, d)
+        self.interleaved = config.rope_layout == "interleaved"
+        self.config = config
+
+
+def pool_blocks_fused(q: torch.Tensor, k: torch.Tensor, config, plan: _Plan | None = None):
+    """Launch 1: ``(qbar [B,Hq,NQB,D], kbarT [B,Hkv,D,NKB], qstats [B,Hq,3,NQB],
+    kstats [B,Hkv,3,NKB])``, fp32; stats = per-block sums of squares (all, high band, low band)."""
+    pl = plan or _Plan(q, k, config)
+    dev = q.device
+    qbar = torch.empty(pl.b, pl.hq, pl.nqb, pl.d, device=dev, dtype=torch.float32)
+    kbarT = torch.empty(pl.b, pl.hkv, pl.d, pl.nkb, device=dev, dtype=torch.float32)
+    qst = torch.empty(pl.b, pl.hq, 3, pl.nqb, device=dev, dtype=torch.float32)
+    kst = torch.empty(pl.b, pl.hkv, 3, pl.nkb, device=dev, dtype=torch.float32)
+    d_p = max(16, _next_pow2(pl.d))
+    rows = max(1, min(pl.bs, 4096 // d_p))
+    n_qprog = pl.b * pl.hq * pl.nqb
+    _pool_kernel[(n_qprog + pl.b * pl.hkv * pl.nkb,)](
+        q,
+        *q.stride(),
+        k,
+        *k.stride(),
+        qbar,
+        kbarT,
+        qst,
+        kst,
+        pl.hq,
+        pl.hkv,
+        pl.sq,
+        pl.sk,
+        pl.nqb,
+        pl.nkb,
+        pl.d,
+        pl.half,
+        pl.w_hi // 2,
+        pl.half - pl.w_lo // 2,
+        n_qprog,
+        INTERLEAVED=pl.interleaved,
+        BS=pl.bs,
+        D_P=d_p,
+        ROWS=rows,
+        num_warps=4,
+    )
+    return qbar, kbarT, qst, kst
+
+
+def select_from_pooled(
+    pooled,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    config,
+    launch: SelectConfig | None = None,
+    plan: _Plan | None = None,
+    return_kernel: bool = False,
+):
+    """Launch 2: the four block lists from :func:`pool_blocks_fused`'s output.
+
+    ``return_kernel=True`` also returns Triton's compiled-kernel handle (``n_regs``, ``n_spills``)."""
+    pl = plan or _Plan(q, k, config)
+    qbar, kbarT, qst, kst = pooled
+    dev = q.device
+    launch = launch or pick_select_config(pl.g, pl.nkb)
+    block_n = max(16, _next_pow2(pl.nkb))
+    if launch.block_g * launch.block_q < 16:
+        raise ValueError("a select tile needs >= 16 rows (tl.dot)")
+    n_q_tiles = math.ceil(pl.nqb / launch.block_q)
+    n_g_tiles = math.ceil(pl.g / launch.block_g)
+    half, d = pl.half, pl.d
+    if pl.interleaved:  # pair j = dims 2j, 2j+1: each band is one contiguous range
+        hi_seg = (0, 0, pl.w_hi)
+        lo_seg = (2 * (half - pl.w_lo // 2), 0, pl.w_lo)
+        n_segs = 1
+    else:  # rotate_half: pair j = dims j, j + D/2
+        hi_seg = (0, half, pl.w_hi // 2)
+        lo_seg = (half - pl.w_lo // 2, d - pl.w_lo // 2, pl.w_lo // 2)
+        n_segs = 2
+    c = config
+    p_hi = c.threshold if c.threshold_high is None else c.threshold_high
+    p_lo = c.threshold if c.threshold_low is None else c.threshold_low
+    rule = _RULES[c.rule]
+    if rule == 0:
+        tgt_hi, tgt_lo = float(p_hi), float(p_lo)
+        all_hi, all_lo = p_hi >= 1.0, p_lo >= 1.0
+    elif rule == 1:
+        tgt_hi = tgt_lo = float(int(c.top_k))
+        all_hi = all_lo = False
+    else:
+        tgt_hi = tgt_lo = float(c.min_prob)
+        all_hi = all_lo = False
+    st_chunk = min(1024, max(16, _next_pow2(max(pl.nqb, pl.nkb))))
+
+    b, hq, nqb, nkb = pl.b, pl.hq, pl.nqb, pl.nkb
+    kv_num = torch.empty(b, hq, nqb, device=dev, dtype=torch.int32)
+    full_num = torch.empty(b, hq, nqb, device=dev, dtype=torch.int32)
+    kv_idx = torch.empty(b, hq, nqb, nkb, device=dev, dtype=torch.int32)
+    full_idx = torch.empty(b, hq, nqb, nkb, device=dev, dtype=torch.int32)
+    grid = (n_q_tiles * n_g_tiles * b * pl.hkv,)
+    kernel = _select_kernel[grid](
+        qbar,
+        kbarT,
+        qst,
+        kst,
+        kv_num,
+        kv_idx,
+        full_num,
+        full_idx,
+        hq,
+        pl.hkv,
+        pl.g,
+        pl.sq,
+        nqb,
+        nkb,
+        d,
+        pl.sk - pl.sq,
+        *hi_seg,
+        *lo_seg,
+        pl.w_hi,
+        pl.w_lo,
+        1.0 / math.sqrt(pl.w_hi),
+        1.0 / math.sqrt(pl.w_lo),
+        math.sqrt(pl.w_hi / d),
+        math.sqrt(pl.w_lo / d),
+        tgt_hi,
+        tgt_lo,
+        n_q_tiles,
+        n_g_tiles,
+        N_SEGS=n_segs,
+        CALIBRATE=bool(c.calibrate),
+        RULE=rule,
+        ALL_HI=bool(all_hi),
+        ALL_LO=bool(all_lo),
+        FORCE_SINK=bool(c.force_sink),
+        FORCE_DIAG=bool(c.force_diagonal),
+        BS=pl.bs,
+        BLOCK_G=launch.block_g,
+        BLOCK_Q=launch.block_q,
+        BLOCK_N=block_n,
+        KC=launch.kc,
+        ST_CHUNK=st_chunk,
+        NQ_CHUNKS=math.ceil(nqb / st_chunk),
+        NK_CHUNKS=math.ceil(nkb / st_chunk),
+        DOT_PREC=launch.dot_prec,
+        num_warps=launch.num_warps,
+        num_stages=launch.num_stages,
+    )
+    lists = (kv_num, kv_idx, full_num, full_idx)
+    return (lists, kernel) if return_kernel else lists
+
+
 def prism_select_block_lists(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -572,143 +743,11 @@ def prism_select_block_lists(
     top_k, min_prob, high_dims, low_dims, calibrate, rope_layout, force_sink, force_diagonal).
     Returns ``(kv_num, kv_idx, full_num, full_idx)``: int32 ``[B, Hq, NQB]`` and
     ``[B, Hq, NQB, NKB]`` — partial (causal-frontier) blocks and full blocks, selected indices first
-    in ascending order (the layout of ``prism.masks.bool_to_block_lists``).
+    in ascending order (the layout of ``prism.masks.bool_to_block_lists``). Two launches.
     """
-    if q.dim() != 4 or k.dim() != 4:
-        raise ValueError("q and k must be [B, H, S, D]")
-    b, hq, sq, d = q.shape
-    hkv, sk = k.shape[1], k.shape[2]
-    if k.shape[0] != b or k.shape[3] != d or hq % hkv or sq > sk or sq < 1:
-        raise ValueError(f"incompatible q {tuple(q.shape)} / k {tuple(k.shape)}")
-    if q.dtype != k.dtype or q.device != k.device:
-        raise ValueError("q and k must share dtype and device")
-    if not supports(q, k, config):
-        raise ValueError("the fused Prism estimator does not support these inputs / this config")
-    bs = int(config.block_size)
-    g = hq // hkv
-    nqb, nkb = math.ceil(sq / bs), math.ceil(sk / bs)
-    half = d // 2
-    w_hi, w_lo = _band_widths(config, d)
-    interleaved = config.rope_layout == "interleaved"
-    dev = q.device
-
-    # -- kernel 1: pooling -----------------------------------------------------------------------
-    qbar = torch.empty(b, hq, nqb, d, device=dev, dtype=torch.float32)
-    kbarT = torch.empty(b, hkv, d, nkb, device=dev, dtype=torch.float32)
-    qst = torch.empty(b, hq, 3, nqb, device=dev, dtype=torch.float32)
-    kst = torch.empty(b, hkv, 3, nkb, device=dev, dtype=torch.float32)
-    d_p = max(16, _next_pow2(d))
-    rows = max(1, min(bs, 4096 // d_p))
-    n_qprog = b * hq * nqb
-    _pool_kernel[(n_qprog + b * hkv * nkb,)](
-        q,
-        *q.stride(),
-        k,
-        *k.stride(),
-        qbar,
-        kbarT,
-        qst,
-        kst,
-        hq,
-        hkv,
-        sq,
-        sk,
-        nqb,
-        nkb,
-        d,
-        half,
-        w_hi // 2,
-        half - w_lo // 2,
-        n_qprog,
-        INTERLEAVED=interleaved,
-        BS=bs,
-        D_P=d_p,
-        ROWS=rows,
-        num_warps=4,
-    )
-
-    # -- kernel 2: selection -> lists ------------------------------------------------------------
-    launch = launch or pick_select_config(g, nkb)
-    block_n = max(16, _next_pow2(nkb))
-    if launch.block_g * launch.block_q < 16:
-        raise ValueError("a select tile needs >= 16 rows (tl.dot)")
-    n_q_tiles = math.ceil(nqb / launch.block_q)
-    n_g_tiles = math.ceil(g / launch.block_g)
-    if interleaved:  # pair j = dims 2j, 2j+1: each band is one contiguous range
-        hi_seg = (0, 0, w_hi)
-        lo_seg = (2 * (half - w_lo // 2), 0, w_lo)
-        n_segs = 1
-    else:  # rotate_half: pair j = dims j, j + D/2
-        hi_seg = (0, half, w_hi // 2)
-        lo_seg = (half - w_lo // 2, d - w_lo // 2, w_lo // 2)
-        n_segs = 2
-    p_hi = config.threshold if config.threshold_high is None else config.threshold_high
-    p_lo = config.threshold if config.threshold_low is None else config.threshold_low
-    rule = _RULES[config.rule]
-    if rule == 0:
-        tgt_hi, tgt_lo = float(p_hi), float(p_lo)
-        all_hi, all_lo = p_hi >= 1.0, p_lo >= 1.0
-    elif rule == 1:
-        tgt_hi = tgt_lo = float(int(config.top_k))
-        all_hi = all_lo = False
-    else:
-        tgt_hi = tgt_lo = float(config.min_prob)
-        all_hi = all_lo = False
-    st_chunk = min(1024, max(16, _next_pow2(max(nqb, nkb))))
-
-    kv_num = torch.empty(b, hq, nqb, device=dev, dtype=torch.int32)
-    full_num = torch.empty(b, hq, nqb, device=dev, dtype=torch.int32)
-    kv_idx = torch.empty(b, hq, nqb, nkb, device=dev, dtype=torch.int32)
-    full_idx = torch.empty(b, hq, nqb, nkb, device=dev, dtype=torch.int32)
-    grid = (n_q_tiles * n_g_tiles * b * hkv,)
-    _select_kernel[grid](
-        qbar,
-        kbarT,
-        qst,
-        kst,
-        kv_num,
-        kv_idx,
-        full_num,
-        full_idx,
-        hq,
-        hkv,
-        g,
-        sq,
-        nqb,
-        nkb,
-        d,
-        sk - sq,
-        *hi_seg,
-        *lo_seg,
-        w_hi,
-        w_lo,
-        1.0 / math.sqrt(w_hi),
-        1.0 / math.sqrt(w_lo),
-        math.sqrt(w_hi / d),
-        math.sqrt(w_lo / d),
-        tgt_hi,
-        tgt_lo,
-        n_q_tiles,
-        n_g_tiles,
-        N_SEGS=n_segs,
-        CALIBRATE=bool(config.calibrate),
-        RULE=rule,
-        ALL_HI=bool(all_hi),
-        ALL_LO=bool(all_lo),
-        FORCE_SINK=bool(config.force_sink),
-        FORCE_DIAG=bool(config.force_diagonal),
-        BS=bs,
-        BLOCK_G=launch.block_g,
-        BLOCK_Q=launch.block_q,
-        BLOCK_N=block_n,
-        KC=launch.kc,
-        ST_CHUNK=st_chunk,
-        NQ_CHUNKS=math.ceil(nqb / st_chunk),
-        NK_CHUNKS=math.ceil(nkb / st_chunk),
-        DOT_PREC=launch.dot_prec,
-        num_warps=launch.num_warps,
-    )
-    return kv_num, kv_idx, full_num, full_idx
+    plan = _Plan(q, k, config)
+    pooled = pool_blocks_fused(q, k, config, plan)
+    return select_from_pooled(pooled, q, k, config, launch, plan)
 
 
 def block_lists_to_block_mask(

@@ -1,0 +1,300 @@
+"""Prism estimator benchmark: unfused PyTorch vs fused Triton vs mean-pool (GPU only).
+
+    python benchmarks/bench_estimator.py [--lengths 8192 16384 ...] [--sweep] [--out DIR]
+
+1. Checks: the fused selection (Triton, 2 launches) against the unfused ``PrismScorer`` at a few
+   sizes, fp32 and bf16 (rows whose selection differs; list layout against ``bool_to_block_lists``).
+2. ``--sweep``: launch shapes of the select kernel at the smallest and largest length (time of the
+   select launch alone, compiler registers / spills).
+3. Timing at each length (Hq=32, Hkv=8, D=128, bf16, batch 1, Sq = Sk): ``triton.testing.do_bench``
+   medians of the unfused Prism scorer (bool mask), unfused + BlockMask lists, mean-pool, the fused
+   estimator (lists) and its two launches; extra peak CUDA memory of one call (outputs included) and
+   the size of its outputs; pooling bandwidth against reading Q and K once.
+
+Prints a markdown table last; writes ``estimator_h200.{md,csv}`` and the command line to ``--out``.
+Inputs are synthetic RoPE'd "topic" Q/K made on the GPU (sparse, text-like attention), so the
+selection density — and the threshold search's work — resemble a real model's, not noise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+import triton
+import triton.testing
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from prism.kernels.estimation import prism_fused as pf  # noqa: E402
+from prism.masks import block_causal, bool_to_block_lists  # noqa: E402
+from prism.scorers.meanpool import MeanPoolScorer  # noqa: E402
+from prism.scorers.prism import PrismConfig, PrismScorer  # noqa: E402
+from prism.scorers.prism_fused import ListBlockSelection  # noqa: E402
+
+
+def synth_qk(b, hq, hkv, s, d, seed, dtype, device="cuda", segment=300, strength=2.0):
+    """RoPE'd topic-structured q [B,Hq,S,D], k [B,Hkv,S,D] on the GPU (cf. prism.synthetic)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    n_seg = -(-s // segment)
+    topics = torch.randn(b, hkv, n_seg, d, generator=g, device=device)
+    seg_of = torch.arange(s, device=device) // segment
+    k = strength * topics[:, :, seg_of] + torch.randn(b, hkv, s, d, generator=g, device=device)
+    rep = hq // hkv
+    t_rep = topics.repeat_interleave(rep, dim=1)  # [B, Hq, nseg, D]
+    recall = (torch.rand(b, hq, s, generator=g, device=device) * (seg_of + 1)).long()
+    mix = torch.rand(b, hq, s, generator=g, device=device) < 0.5
+    seg_q = torch.where(mix, recall, seg_of.expand(b, hq, s))
+    q = torch.empty(b, hq, s, d, device=device)
+    for h in range(hq):  # gather per head keeps the temporaries small at 128K
+        q[:, h] = strength * torch.gather(
+            t_rep[:, h], 1, seg_q[:, h, :, None].expand(-1, -1, d)
+        ) + torch.randn(b, s, d, generator=g, device=device)
+    half = d // 2
+    theta = 10000.0 ** (-torch.arange(half, device=device, dtype=torch.float64) * 2 / d)
+    ang = torch.arange(s, device=device, dtype=torch.float64)[:, None] * theta[None, :]
+    cos, sin = ang.cos().float(), ang.sin().float()
+
+    def rope(x):
+        x1, x2 = x[..., :half], x[..., half:]
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+    out_q = torch.empty(b, hq, s, d, device=device, dtype=dtype)
+    for h in range(hq):
+        out_q[:, h] = rope(q[:, h]).to(dtype)
+    del q
+    return out_q, rope(k).to(dtype)
+
+
+def bench(fn) -> float:
+    return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+
+
+def peak_extra_mb(fn) -> tuple[float, float]:
+    """(extra peak MB of one call incl. its outputs, MB of the outputs it returns)."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out = fn()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    held = torch.cuda.memory_allocated() - base
+    del out
+    return peak / 2**20, held / 2**20
+
+
+def fused_mask(lists, sq, sk, bs):
+    return ListBlockSelection(lists, sq, sk, bs).mask
+
+
+def check(cfg, lengths, dtypes, seed=1, device="cuda"):
+    rows = []
+    for s, pre in lengths:
+        for dt in dtypes:
+            q, k = synth_qk(2, 8, 2, s, 128, seed, dt, device=device)
+            q = q[:, :, pre:]  # a cached prefix of `pre` tokens
+            ref = PrismScorer(cfg)(q, k).mask
+            lists = pf.prism_select_block_lists(q, k, cfg)
+            got = fused_mask(lists, q.shape[2], s, cfg.block_size)
+            diff_rows = int((got != ref).any(-1).sum())
+            _, part = block_causal(q.shape[2], s, cfg.block_size, q.device)
+            exp = bool_to_block_lists(ref & part) + bool_to_block_lists(ref & ~part)
+            exp = (exp[0], exp[1], exp[2], exp[3])
+            layout_ok = diff_rows > 0 or all(torch.equal(a, b) for a, b in zip(lists, exp))
+            rows.append(
+                dict(
+                    Sk=s,
+                    Sq=q.shape[2],
+                    dtype=str(dt).replace("torch.", ""),
+                    rows=ref.shape[0] * ref.shape[1] * ref.shape[2],
+                    diff_rows=diff_rows,
+                    lists_equal=layout_ok,
+                    density=float(ref.float().mean()),
+                )
+            )
+            print("check", rows[-1], flush=True)
+    return rows
+
+
+def sweep(cfg, s, variants):
+    q, k = synth_qk(1, 32, 8, s, 128, 0, torch.bfloat16)
+    plan = pf._Plan(q, k, cfg)
+    pooled = pf.pool_blocks_fused(q, k, cfg, plan)
+    ref = pf.select_from_pooled(pooled, q, k, cfg, None, plan)
+    ref_mask = fused_mask(ref, s, s, cfg.block_size)
+    out = []
+    for v in variants:
+        try:
+            lists, kern = pf.select_from_pooled(pooled, q, k, cfg, v, plan, return_kernel=True)
+            same = int((fused_mask(lists, s, s, cfg.block_size) != ref_mask).any(-1).sum())
+            t = bench(lambda v=v: pf.select_from_pooled(pooled, q, k, cfg, v, plan))
+            regs, spills = getattr(kern, "n_regs", -1), getattr(kern, "n_spills", -1)
+            out.append(dict(S=s, launch=str(v), ms=t, regs=regs, spills=spills, diff_rows=same))
+        except Exception as e:  # a variant that does not compile is reported, not fatal
+            out.append(dict(S=s, launch=str(v), ms=float("nan"), error=repr(e)[:200]))
+        print("sweep", out[-1], flush=True)
+    return out
+
+
+def time_one(cfg, s):
+    q, k = synth_qk(1, 32, 8, s, 128, 0, torch.bfloat16)
+    unf = PrismScorer(cfg)
+    mp = MeanPoolScorer(block_size=cfg.block_size, threshold=cfg.threshold)
+    plan = pf._Plan(q, k, cfg)
+    pooled = pf.pool_blocks_fused(q, k, cfg, plan)
+    lists, kern = pf.select_from_pooled(pooled, q, k, cfg, None, plan, return_kernel=True)
+    ref = unf(q, k).mask
+    diff = int((fused_mask(lists, s, s, cfg.block_size) != ref).any(-1).sum())
+    n_causal = int(block_causal(s, s, cfg.block_size)[0].sum())
+    dens = float((lists[0] + lists[2]).sum()) / (ref.shape[1] * n_causal)
+    fns = {
+        "unfused": lambda: unf(q, k).mask,
+        "unfused+lists": lambda: unf(q, k).block_mask(),
+        "meanpool": lambda: mp(q, k).mask,
+        "fused": lambda: pf.prism_select_block_lists(q, k, cfg),
+        "fused.pool": lambda: pf.pool_blocks_fused(q, k, cfg, plan),
+        "fused.select": lambda: pf.select_from_pooled(pooled, q, k, cfg, None, plan),
+    }
+    row = dict(S=s, density=dens, diff_rows=diff, rows=32 * plan.nqb)
+    for name, fn in fns.items():
+        row[f"{name}_ms"] = bench(fn)
+    for name in ("unfused", "unfused+lists", "meanpool", "fused"):
+        row[f"{name}_mb"], row[f"{name}_out_mb"] = peak_extra_mb(fns[name])
+    qk_bytes = (q.numel() + k.numel()) * q.element_size()
+    row["pool_GBps"] = qk_bytes / row["fused.pool_ms"] / 1e6
+    row["regs"] = getattr(kern, "n_regs", -1)
+    row["spills"] = getattr(kern, "n_spills", -1)
+    row["launch"] = str(pf.pick_select_config(plan.g, plan.nkb))
+    print("time", row, flush=True)
+    return row
+
+
+def time_lengths(cfg, lengths):
+    res = []
+    for s in lengths:
+        res.append(time_one(cfg, s))
+        torch.cuda.empty_cache()
+    return res
+
+
+def copy_bw_gbps() -> float:
+    x = torch.empty(2**28, device="cuda", dtype=torch.float32)  # 1 GiB
+    y = torch.empty_like(x)
+    t = bench(lambda: y.copy_(x))
+    return 2 * x.numel() * 4 / t / 1e6
+
+
+def to_md(rows, cols) -> str:
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        cells = []
+        for c in cols:
+            v = r.get(c, "")
+            cells.append(f"{v:.3f}" if isinstance(v, float) else str(v))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--lengths", type=int, nargs="+", default=[8192, 16384, 32768, 65536, 131072])
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--no-check", action="store_true")
+    ap.add_argument("--threshold", type=float, default=0.95)
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_estimator.py needs a CUDA GPU")
+    cfg = PrismConfig(threshold=args.threshold)
+    t0 = time.time()
+    env = (
+        f"{torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__}"
+        f" | python {platform.python_version()}"
+    )
+    print(env, flush=True)
+    checks = []
+    if not args.no_check:
+        checks = check(
+            cfg,
+            [(4096, 0), (16384, 0), (8192, 1000), (3000, 257)],
+            [torch.float32, torch.bfloat16],
+        )
+    sweeps = []
+    if args.sweep:
+        lo, hi = min(args.lengths), max(args.lengths)
+        sc = pf.SelectConfig
+        for s in sorted({lo, hi}):
+            nkb = math.ceil(s / 128)
+            base = pf.pick_select_config(4, nkb)
+            variants = [base]
+            for w in (base.num_warps // 2, base.num_warps * 2):
+                if 1 <= w <= 16:
+                    variants.append(sc(4, 4, w))
+            variants += [
+                sc(4, 8, min(16, base.num_warps * 2)),
+                sc(4, 4, base.num_warps, dot_prec="tf32x3"),
+            ]
+            variants.append(sc(4, 4, base.num_warps, num_stages=2))
+            sweeps += sweep(cfg, s, variants)
+    bw = copy_bw_gbps()
+    timing = time_lengths(cfg, args.lengths)
+
+    cols = [
+        "S",
+        "density",
+        "diff_rows",
+        "unfused_ms",
+        "unfused+lists_ms",
+        "meanpool_ms",
+        "fused_ms",
+        "fused.pool_ms",
+        "fused.select_ms",
+        "pool_GBps",
+        "unfused_mb",
+        "unfused+lists_mb",
+        "fused_mb",
+        "fused_out_mb",
+        "regs",
+        "spills",
+    ]
+    md = [
+        "# Prism estimator: unfused PyTorch vs fused Triton (H200)",
+        "",
+        f"`{env}`; Hq=32, Hkv=8, D=128, bf16, batch 1, Sq=Sk, threshold {args.threshold}, "
+        "BS=128; synthetic RoPE'd topic Q/K. Times: do_bench medians (ms). Memory: extra peak of "
+        "one call in MB, outputs included (`*_out_mb`: the outputs alone). "
+        f"Device copy bandwidth (read+write): {bw:.0f} GB/s.",
+        "",
+        "## Timing",
+        "",
+        to_md(timing, cols),
+        "",
+    ]
+    if checks:
+        md += ["## Fused vs unfused selection", "", to_md(checks, list(checks[0].keys())), ""]
+    if sweeps:
+        keys = ["S", "launch", "ms", "regs", "spills", "diff_rows", "error"]
+        md += ["## Select-kernel launch sweep", "", to_md(sweeps, keys), ""]
+    cmd = "python " + " ".join([os.path.relpath(__file__)] + sys.argv[1:])
+    md += [f"Command: `{cmd}`  ({time.time() - t0:.0f} s)", ""]
+    text = "\n".join(md)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "estimator_h200.md").write_text(text)
+    with open(out / "estimator_h200.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=sorted({k for r in timing for k in r}))
+        w.writeheader()
+        w.writerows(timing)
+    (out / "estimator_h200_command.txt").write_text(cmd + "\n" + env + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
