@@ -207,8 +207,8 @@ def build_case_mask(c: dict, gen: torch.Generator):
 
 
 def _run_case(name: str, c: dict, mode: str) -> dict:
-    """mode: launcher with "ptr" (pointer loads) / "tma" (TMA-descriptor loads) / "pipe" (TMA +
-    software-pipelined full-block loop), or "op" (public API)."""
+    """mode: launcher with "ptr" (pointer loads) / "tma" (TMA-descriptor loads) / "merged" (TMA +
+    one loop over full and partial blocks), or "op" (public API)."""
     from prism.kernels.block_sparse import triton_fwd
 
     gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
@@ -244,8 +244,8 @@ def _run_case(name: str, c: dict, mode: str) -> dict:
             scale,
             True,
             config=cfg,
-            use_tma=(mode in ("tma", "pipe")),
-            pipe_pv=(mode == "pipe"),
+            use_tma=(mode in ("tma", "merged")),
+            merged=(mode == "merged"),
             out=out,
             lse=lse,
         )
@@ -271,7 +271,7 @@ def _worker() -> None:
     from prism.kernels.block_sparse import triton_fwd
 
     assert triton_fwd.interpreter_active(), "worker started without TRITON_INTERPRET=1"
-    jobs = [(n, m) for m in ("ptr", "tma", "pipe") for n in CASES] + [(n, "op") for n in OP_CASES]
+    jobs = [(n, m) for m in ("ptr", "tma", "merged") for n in CASES] + [(n, "op") for n in OP_CASES]
     for name, mode in jobs:
         try:
             res = _run_case(name, CASES[name], mode)
@@ -317,7 +317,7 @@ def _check(r: dict, dtype: str):
     assert r["out_dtype"] == f"torch.{dtype}"
 
 
-@pytest.mark.parametrize("mode", ["ptr", "tma", "pipe"])
+@pytest.mark.parametrize("mode", ["ptr", "tma", "merged"])
 @pytest.mark.parametrize("name", list(CASES))
 def test_interpreter_kernel_vs_naive(interp_results, name, mode):
     r = interp_results[(name, mode)]

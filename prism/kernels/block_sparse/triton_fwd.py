@@ -63,22 +63,6 @@ def _load_kv(
 
 
 @triton.jit
-def _load_k(base, D_desc, kv_row0, start_n, offs_n, offs_d, stride_n, Sk,
-            USE_TMA: tl.constexpr, MASK_TAIL: tl.constexpr):
-    """One [BLOCK_N, HEAD_DIM] tile of K or V (see _load_kv)."""
-    if USE_TMA:
-        x = D_desc.load([kv_row0 + start_n, 0])
-    else:
-        kn = start_n + offs_n
-        if MASK_TAIL:
-            x = tl.load(base + kn[:, None] * stride_n + offs_d[None, :], mask=(kn < Sk)[:, None],
-                        other=0.0)
-        else:
-            x = tl.load(base + kn[:, None] * stride_n + offs_d[None, :])
-    return x
-
-
-@triton.jit
 def _update(acc, m_i, l_i, q, k, v, qk_scale, ok, MASKED: tl.constexpr, DOT_PREC: tl.constexpr):
     """One online-softmax step (base 2). ``ok`` [BLOCK_M, BLOCK_N] is used only when MASKED."""
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
@@ -122,7 +106,7 @@ def _bsa_fwd_kernel_py(
     EVEN_K: tl.constexpr,
     WRITE_LSE: tl.constexpr,
     USE_TMA: tl.constexpr,
-    PIPE_PV: tl.constexpr,
+    MERGED: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):  # fmt: skip
     SUB_N: tl.constexpr = BS_KV // BLOCK_N
@@ -157,65 +141,70 @@ def _bsa_fwd_kernel_py(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
-    # ---------------- full blocks: no causal mask (tail mask only if Sk is ragged) -------------
-    if HAS_FULL:
-        n_full = tl.load(FNUM + b64 * sfn_b + h64 * sfn_h + qb * sfn_m)
-        f_idx = FIDX + b64 * sfi_b + h64 * sfi_h + qb * sfi_m
-        n_it = n_full * SUB_N
-        if PIPE_PV and EVEN_K:
-            # Software-pipelined order (FA3-style): in step j issue S_j = Q K_j^T, then
-            # O += P_{j-1} V_{j-1}, then the softmax of S_j, so the P V product can run on the
-            # tensor cores while the exponentials of the next tile are computed.
-            if n_it > 0:
-                blk = tl.load(f_idx)
-                prev_n = blk * BS_KV
-                k = _load_k(k_base, Kd, kv_row0, prev_n, offs_n, offs_d, skn, Sk, USE_TMA, False)
-                qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
-                m_i = tl.max(qk, 1) * qk_scale
-                p = tl.math.exp2(qk * qk_scale - m_i[:, None])
-                l_i = tl.sum(p, 1)
-                for it in range(1, n_it):
-                    blk = tl.load(f_idx + it // SUB_N)
-                    start_n = blk * BS_KV + (it % SUB_N) * BLOCK_N
-                    k = _load_k(k_base, Kd, kv_row0, start_n, offs_n, offs_d, skn, Sk, USE_TMA, False)
-                    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
-                    v = _load_k(v_base, Vd, kv_row0, prev_n, offs_n, offs_d, svn, Sk, USE_TMA, False)
-                    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
-                    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-                    p = tl.math.exp2(qk * qk_scale - m_new[:, None])
-                    alpha = tl.math.exp2(m_i - m_new)
-                    l_i = l_i * alpha + tl.sum(p, 1)
-                    acc = acc * alpha[:, None]
-                    m_i = m_new
-                    prev_n = start_n
-                v = _load_k(v_base, Vd, kv_row0, prev_n, offs_n, offs_d, svn, Sk, USE_TMA, False)
-                acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
-        else:
-            for it in range(0, n_it):
-                blk = tl.load(f_idx + it // SUB_N)
-                start_n = blk * BS_KV + (it % SUB_N) * BLOCK_N
-                k, v = _load_kv(k_base, v_base, Kd, Vd, kv_row0, start_n, offs_n, offs_d, skn,
-                                svn, Sk, USE_TMA, not EVEN_K)
-                if EVEN_K:
-                    acc, m_i, l_i = _update(acc, m_i, l_i, q, k, v, qk_scale, 0, False, DOT_PREC)
-                else:
-                    ok = ((start_n + offs_n) < Sk)[None, :]
-                    acc, m_i, l_i = _update(acc, m_i, l_i, q, k, v, qk_scale, ok, True, DOT_PREC)
-
-    # ---------------- partial blocks: causal predicate on every one ----------------
     n_part = tl.load(PNUM + b64 * spn_b + h64 * spn_h + qb * spn_m)
     p_idx = PIDX + b64 * spi_b + h64 * spi_h + qb * spi_m
     q_abs = offs_m + P
-    for it in range(0, n_part * SUB_N):
-        blk = tl.load(p_idx + it // SUB_N)
-        start_n = blk * BS_KV + (it % SUB_N) * BLOCK_N
-        k, v = _load_kv(k_base, v_base, Kd, Vd, kv_row0, start_n, offs_n, offs_d, skn, svn,
-                        Sk, USE_TMA, not EVEN_K)
-        kn = start_n + offs_n
-        ok = q_abs[:, None] >= kn[None, :]
-        if not EVEN_K:
-            ok = ok & (kn < Sk)[None, :]
-        acc, m_i, l_i = _update(acc, m_i, l_i, q, k, v, qk_scale, ok, True, DOT_PREC)
+    if HAS_FULL:
+        n_full = tl.load(FNUM + b64 * sfn_b + h64 * sfn_h + qb * sfn_m)
+        f_idx = FIDX + b64 * sfi_b + h64 * sfi_h + qb * sfi_m
+    else:
+        n_full = 0
+        f_idx = p_idx
+
+    if MERGED:
+        # ONE loop over the full blocks then the partial ones: one software pipeline per program
+        # (no second pipeline fill for the diagonal block). The mask is applied under a uniform
+        # branch only on partial blocks and on tiles crossing the sequence tail.
+        for it in range(0, (n_full + n_part) * SUB_N):
+            j = it // SUB_N
+            is_full = j < n_full
+            blk_f = tl.load(f_idx + j, mask=is_full, other=0)
+            blk_p = tl.load(p_idx + (j - n_full), mask=j >= n_full, other=0)
+            blk = tl.where(is_full, blk_f, blk_p)
+            start_n = blk * BS_KV + (it % SUB_N) * BLOCK_N
+            k, v = _load_kv(k_base, v_base, Kd, Vd, kv_row0, start_n, offs_n, offs_d, skn, svn,
+                            Sk, USE_TMA, not EVEN_K)
+            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+            if EVEN_K:
+                need_mask = j >= n_full
+            else:
+                need_mask = (j >= n_full) | (start_n + BLOCK_N > Sk)
+            if need_mask:
+                kn = start_n + offs_n
+                ok = ((q_abs[:, None] >= kn[None, :]) | is_full) & (kn < Sk)[None, :]
+                qk = tl.where(ok, qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            # a row with no allowed key so far keeps m = -inf; exponentiate against 0 instead
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(qk * qk_scale - m_use[:, None])
+            alpha = tl.math.exp2(m_i - m_use)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None]
+            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+            m_i = m_new
+    else:
+        # ---- full blocks: no causal mask (tail mask only if Sk is ragged) ----
+        for it in range(0, n_full * SUB_N):
+            blk = tl.load(f_idx + it // SUB_N)
+            start_n = blk * BS_KV + (it % SUB_N) * BLOCK_N
+            k, v = _load_kv(k_base, v_base, Kd, Vd, kv_row0, start_n, offs_n, offs_d, skn, svn,
+                            Sk, USE_TMA, not EVEN_K)
+            if EVEN_K:
+                acc, m_i, l_i = _update(acc, m_i, l_i, q, k, v, qk_scale, 0, False, DOT_PREC)
+            else:
+                ok = ((start_n + offs_n) < Sk)[None, :]
+                acc, m_i, l_i = _update(acc, m_i, l_i, q, k, v, qk_scale, ok, True, DOT_PREC)
+        # ---- partial blocks: causal predicate on every one ----
+        for it in range(0, n_part * SUB_N):
+            blk = tl.load(p_idx + it // SUB_N)
+            start_n = blk * BS_KV + (it % SUB_N) * BLOCK_N
+            k, v = _load_kv(k_base, v_base, Kd, Vd, kv_row0, start_n, offs_n, offs_d, skn, svn,
+                            Sk, USE_TMA, not EVEN_K)
+            kn = start_n + offs_n
+            ok = q_abs[:, None] >= kn[None, :]
+            if not EVEN_K:
+                ok = ok & (kn < Sk)[None, :]
+            acc, m_i, l_i = _update(acc, m_i, l_i, q, k, v, qk_scale, ok, True, DOT_PREC)
 
     # ---------------- epilogue ----------------
     empty = l_i == 0.0
@@ -260,13 +249,13 @@ class KernelConfig:
     BLOCK_N: int = 64
     num_warps: int = 8
     num_stages: int = 3
-    pipe_pv: bool = False  # software-pipelined full-block loop (see the kernel)
+    merged: bool = False  # one loop over full + partial blocks (see the kernel)
 
 
 # Fixed table measured on the H200 (see benchmarks/results/kernels_*). Keyed on head dim; the
 # same tiles serve bf16 and fp16. fp32 inputs (tests, interpreter) use smaller tiles.
 _TABLE = {
-    128: KernelConfig(128, 64, 8, 3),
+    128: KernelConfig(128, 128, 8, 3),
     64: KernelConfig(128, 64, 4, 3),
     32: KernelConfig(128, 64, 4, 3),
 }
@@ -290,7 +279,7 @@ def pick_config(
             f"BLOCK_SIZE {(bs_q, bs_kv)} cannot be tiled: each block size must be a multiple of 16 "
             f"(got compute tiles {bm}x{bn})"
         )
-    return KernelConfig(bm, bn, cfg.num_warps, cfg.num_stages, cfg.pipe_pv)
+    return KernelConfig(bm, bn, cfg.num_warps, cfg.num_stages, cfg.merged)
 
 
 def _mask_strides(t: torch.Tensor, B: int, Hq: int):
@@ -322,7 +311,7 @@ def block_sparse_attention_triton(
     return_lse: bool = False,
     config: KernelConfig | None = None,
     use_tma: bool | None = None,
-    pipe_pv: bool | None = None,
+    merged: bool | None = None,
     out: torch.Tensor | None = None,
     lse: torch.Tensor | None = None,
 ):
@@ -384,7 +373,6 @@ def block_sparse_attention_triton(
         else:
             kd = TensorDescriptor(k, [B * Hkv * Sk, D], [D, 1], [cfg.BLOCK_N, D])
             vd = TensorDescriptor(v, [B * Hkv * Sk, D], [D, 1], [cfg.BLOCK_N, D])
-    cfg_pipe = cfg.pipe_pv
     kernel = _bsa_fwd_kernel
     args = (
         q,
@@ -434,7 +422,7 @@ def block_sparse_attention_triton(
         EVEN_K=(Sk % bs_kv == 0),
         WRITE_LSE=bool(return_lse),
         USE_TMA=bool(use_tma),
-        PIPE_PV=bool(cfg_pipe if pipe_pv is None else pipe_pv),
+        MERGED=bool(cfg.merged if merged is None else merged),
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
