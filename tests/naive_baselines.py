@@ -97,24 +97,25 @@ def naive_xattn(q, k, bs=128, stride=8, tau=0.9, force_sink=True, force_diagonal
             for t in range(S):
                 x += Q[S - 1 - t :: S] @ K[t::S].T
             x /= math.sqrt(d) * S
-            A = torch.zeros(nqb, nkb, dtype=torch.float64)
+            A = [[0.0] * nkb for _ in range(nqb)]  # block sums of the row probabilities
             rows_in_block = [0] * nqb
             for i in range(nqg):
                 last = p + min((i + 1) * S, sq) - 1
-                cols = [j for j in range(nkg) if j * S <= last]
-                probs = _softmax(x[i, : len(cols)].tolist())  # cols is a prefix
+                cols = [j for j in range(nkg) if j * S <= last]  # a prefix of the key groups
+                probs = _softmax(x[i, : len(cols)].tolist())
+                row = A[i * S // bs]
                 for j, pr in zip(cols, probs):
-                    A[i * S // bs, j * S // bs] += pr
+                    row[j * S // bs] += pr
                 rows_in_block[i * S // bs] += 1
             for i in range(nqb):
-                A[i] /= rows_in_block[i]
+                A[i] = [a / rows_in_block[i] for a in A[i]]
                 vis = _visible_blocks(i, sq, sk, bs)
                 forced = _forced_blocks(i, sq, sk, bs, force_sink, force_diagonal)
                 others = [j for j in vis if j not in forced]
-                start = sum(float(A[i, j]) for j in forced)
+                start = sum(A[i][j] for j in forced)
                 for j in forced:
                     mask[bb, h, i, j] = True
-                for t in _keep_until([float(A[i, j]) for j in others], tau, start):
+                for t in _keep_until([A[i][j] for j in others], tau, start):
                     mask[bb, h, i, others[t]] = True
     return mask
 
@@ -127,10 +128,11 @@ def _probe(qh: torch.Tensor, kh: torch.Tensor, n: int):
     matrix [n, Sk], column sums [Sk] and diagonal sums [Sk] (index = offset a - c)."""
     sq, d = qh.shape
     sk = kh.shape[0]
+    K, Q = kh.double(), qh.double()
     P = torch.zeros(n, sk, dtype=torch.float64)
     for r in range(n):
         a = sk - n + r  # absolute position of probe row r
-        z = (kh[: a + 1].double() @ qh[sq - n + r].double()) / math.sqrt(d)
+        z = (K[: a + 1] @ Q[sq - n + r]) / math.sqrt(d)
         P[r, : a + 1] = torch.softmax(z, dim=0)
     cols = P.sum(0)
     diags = torch.zeros(sk, dtype=torch.float64)
@@ -141,18 +143,19 @@ def _probe(qh: torch.Tensor, kh: torch.Tensor, n: int):
     return P, cols, diags
 
 
-def _touched_blocks(col_sel: list[bool], diag_sel: list[bool], sq: int, sk: int, bs: int):
+def _token_geometry(sq: int, sk: int):
+    """(allowed [Sq, Sk]: key c <= absolute query position P + t, offset [Sq, Sk]: P + t - c)."""
+    a = (sk - sq) + torch.arange(sq)[:, None]
+    c = torch.arange(sk)[None, :]
+    return c <= a, (a - c).clamp(min=0)
+
+
+def _touched_blocks(col_sel: list[bool], diag_sel: list[bool], geometry, sq: int, sk: int, bs: int):
     """Token-level: (query t, key c) is covered iff c <= P + t and (column c or offset P + t - c is
     selected); a block is kept iff it holds a covered pair."""
-    p = sk - sq
+    allowed, off = geometry
     nqb, nkb = _ceil_div(sq, bs), _ceil_div(sk, bs)
-    cs = torch.tensor(col_sel)
-    ds = torch.tensor(diag_sel)
-    a = p + torch.arange(sq)[:, None]
-    c = torch.arange(sk)[None, :]
-    allowed = c <= a
-    off = (a - c).clamp(min=0)
-    covered = allowed & (cs[c].expand(sq, sk) | ds[off])
+    covered = allowed & (torch.tensor(col_sel)[None, :] | torch.tensor(diag_sel)[off])
     full = torch.zeros(nqb * bs, nkb * bs, dtype=torch.bool)
     full[:sq, :sk] = covered
     return full.view(nqb, bs, nkb, bs).any(3).any(1)
@@ -179,6 +182,7 @@ def naive_minference(
     n = min(probe, sq)
     nqb, nkb = _ceil_div(sq, bs), _ceil_div(sk, bs)
     mask = torch.zeros(b, hq, nqb, nkb, dtype=torch.bool)
+    geometry = _token_geometry(sq, sk)
     for bb in range(b):
         for h in range(hq):
             _, cols, diags = _probe(q[bb, h], k[bb, h // g], n)
@@ -194,7 +198,7 @@ def naive_minference(
             rest = [o for o in range(sk) if not diag_sel[o]]
             for t in _top([float(diags[o]) for o in rest], min(slash, sk) - sum(diag_sel)):
                 diag_sel[rest[t]] = True
-            mask[bb, h] = _touched_blocks(col_sel, diag_sel, sq, sk, bs)
+            mask[bb, h] = _touched_blocks(col_sel, diag_sel, geometry, sq, sk, bs)
     return _add_forced(mask, sq, sk, bs, force_sink, force_diagonal)
 
 
@@ -228,6 +232,7 @@ def naive_flexprefill(
     mask = torch.zeros(b, hq, nqb, nkb, dtype=torch.bool)
     dists = torch.zeros(b, hq, dtype=torch.float64)
     aware = torch.zeros(b, hq, dtype=torch.bool)
+    geometry = _token_geometry(sq, sk)
     for bb in range(b):
         for h in range(hq):
             qh, kh = q[bb, h].double(), k[bb, h // g].double()
@@ -269,5 +274,5 @@ def naive_flexprefill(
                     col_sel[c] = True
                 for o in _keep_until(dvals, gamma) + _top(dvals, min(min_budget, sk)):
                     diag_sel[o] = True
-                mask[bb, h] = _touched_blocks(col_sel, diag_sel, sq, sk, bs)
+                mask[bb, h] = _touched_blocks(col_sel, diag_sel, geometry, sq, sk, bs)
     return _add_forced(mask, sq, sk, bs, force_sink, force_diagonal), dists, aware
