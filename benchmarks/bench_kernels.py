@@ -1,3 +1,4 @@
+# ruff: noqa: B023  (timing lambdas are called within the loop iteration that defines them)
 """Block-sparse attention kernels on one GPU: correctness first, then timings (DESIGN §8, issue 6).
 
     python benchmarks/bench_kernels.py --out benchmarks/results [--lengths 32768 131072]
@@ -24,8 +25,6 @@ from __future__ import annotations
 import argparse
 import csv
 import importlib
-import math
-import os
 import sys
 import time
 import types
@@ -46,7 +45,10 @@ def _import_block_sparse():
         print(f"[bench] 'import prism' failed ({e}); loading prism.kernels.block_sparse directly")
         for name in ("prism", "prism.kernels"):
             sys.modules.pop(name, None)
-        for name, path in (("prism", REPO / "prism"), ("prism.kernels", REPO / "prism" / "kernels")):
+        for name, path in (
+            ("prism", REPO / "prism"),
+            ("prism.kernels", REPO / "prism" / "kernels"),
+        ):
             mod = types.ModuleType(name)
             mod.__path__ = [str(path)]
             sys.modules[name] = mod
@@ -54,16 +56,16 @@ def _import_block_sparse():
 
 
 bsp = _import_block_sparse()
+import triton  # noqa: E402
+from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
+from torch.nn.attention.flex_attention import flex_attention  # noqa: E402
+
 from prism.kernels.block_sparse import triton_fwd  # noqa: E402
 from prism.kernels.block_sparse.naive import (  # noqa: E402
     dense_block_maps,
     naive_block_sparse_attention,
     random_causal_block_mask,
 )
-
-import triton  # noqa: E402
-from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
-from torch.nn.attention.flex_attention import flex_attention  # noqa: E402
 
 HQ, HKV, D = 32, 8, 128
 DT = torch.bfloat16
@@ -73,7 +75,9 @@ BS = 128
 def bench(fn, rep_ms):
     fn()
     torch.cuda.synchronize()
-    return triton.testing.do_bench(fn, warmup=max(25, rep_ms // 4), rep=rep_ms, return_mode="median")
+    return triton.testing.do_bench(
+        fn, warmup=max(25, rep_ms // 4), rep=rep_ms, return_mode="median"
+    )
 
 
 def qkv(S, seed=0, B=1):
@@ -100,9 +104,13 @@ def sdpa_dense(q, k, v, backend):
     if _sdpa_gqa_ok.get(key, True):
         try:
             with sdpa_kernel(backend):
-                return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+                return torch.nn.functional.scaled_dot_product_attention(
+                    q, k, v, is_causal=True, enable_gqa=True
+                )
         except Exception as e:  # backend refuses GQA: fall back to repeated K/V (baseline only)
-            print(f"[bench] {backend} refused enable_gqa ({type(e).__name__}); repeating K/V for it")
+            print(
+                f"[bench] {backend} refused enable_gqa ({type(e).__name__}); repeating K/V for it"
+            )
             _sdpa_gqa_ok[key] = False
     kr = k.repeat_interleave(HQ // HKV, 1)
     vr = v.repeat_interleave(HQ // HKV, 1)
@@ -119,11 +127,15 @@ def make_sdpa(q, k, v, backend):
         def f():
             with sdpa_kernel(backend):
                 return torch.nn.functional.scaled_dot_product_attention(q, kr, vr, is_causal=True)
+
         return f
 
     def f():
         with sdpa_kernel(backend):
-            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            return torch.nn.functional.scaled_dot_product_attention(
+                q, k, v, is_causal=True, enable_gqa=True
+            )
+
     return f
 
 
@@ -133,6 +145,7 @@ _flex = torch.compile(flex_attention, dynamic=False)
 def flash_available():
     try:
         import flash_attn.cute  # noqa: F401
+
         return True
     except Exception:
         return False
@@ -145,7 +158,7 @@ def rel(a, b):
 def check_correctness(log):
     """Small shapes vs the fp32 naive reference (and a same-dtype SDPA), full density vs SDPA."""
     ok = True
-    for (B, Hq, Hkv, Sq, Sk, d, bs, dt, dens) in [
+    for B, Hq, Hkv, Sq, Sk, d, bs, dt, dens in [
         (2, 8, 2, 3000, 3500, 128, 128, torch.bfloat16, 0.3),
         (1, 8, 2, 2047, 2047, 64, 64, torch.float16, 0.5),
         (2, 4, 1, 1000, 1000, 128, 64, torch.bfloat16, 0.7),
@@ -158,8 +171,20 @@ def check_correctness(log):
         out = torch.full_like(q, float("nan"))
         lse = torch.full((B, Hq, Sq), float("nan"), device="cuda")
         triton_fwd.block_sparse_attention_triton(
-            q, k, v, bm.kv_num_blocks, bm.kv_indices, bm.full_kv_num_blocks, bm.full_kv_indices,
-            bs, bs, d ** -0.5, True, out=out, lse=lse)
+            q,
+            k,
+            v,
+            bm.kv_num_blocks,
+            bm.kv_indices,
+            bm.full_kv_num_blocks,
+            bm.full_kv_indices,
+            bs,
+            bs,
+            d**-0.5,
+            True,
+            out=out,
+            lse=lse,
+        )
         ref, rlse = naive_block_sparse_attention(q, k, v, bm, return_lse=True)
         e = rel(out, ref)
         # same-dtype computation: the naive path in the input dtype
@@ -168,8 +193,10 @@ def check_correctness(log):
         lse_e = (lse - rlse).abs().max().item()
         good = (not torch.isnan(out).any()) and e <= 2 * e_low + 1e-4 and lse_e < 5e-3
         ok &= good
-        log(f"check vs naive B{B} H{Hq}/{Hkv} S{Sq}/{Sk} D{d} bs{bs} {dt}: rel err {e:.2e} "
-            f"(same-dtype torch {e_low:.2e}), lse max err {lse_e:.1e} -> {'OK' if good else 'FAIL'}")
+        log(
+            f"check vs naive B{B} H{Hq}/{Hkv} S{Sq}/{Sk} D{d} bs{bs} {dt}: rel err {e:.2e} "
+            f"(same-dtype torch {e_low:.2e}), lse max err {lse_e:.1e} -> {'OK' if good else 'FAIL'}"
+        )
     # full density vs cuDNN causal SDPA at 8K (the universal check)
     S = 8192
     q, k, v = qkv(S, seed=1)
@@ -179,7 +206,9 @@ def check_correctness(log):
     e = rel(out, ref)
     good = e < 1e-2
     ok &= good
-    log(f"check full density vs cuDNN SDPA causal S={S}: rel diff {e:.2e} -> {'OK' if good else 'FAIL'}")
+    log(
+        f"check full density vs cuDNN SDPA causal S={S}: rel diff {e:.2e} -> {'OK' if good else 'FAIL'}"
+    )
     return ok
 
 
@@ -209,12 +238,26 @@ def sweep(log):
         bm, d = random_causal_block_mask(1, HQ, S, S, BS, dens, g, device="cuda")
         cud = bench(make_sdpa(q, k, v, SDPBackend.CUDNN_ATTENTION), 300 if S < 100000 else 1000)
         log(f"sweep S={S}: dense cuDNN {cud:.2f} ms")
-        args = (q, k, v, bm.kv_num_blocks, bm.kv_indices, bm.full_kv_num_blocks, bm.full_kv_indices, BS, BS, D ** -0.5, False)
+        args = (
+            q,
+            k,
+            v,
+            bm.kv_num_blocks,
+            bm.kv_indices,
+            bm.full_kv_num_blocks,
+            bm.full_kv_indices,
+            BS,
+            BS,
+            D**-0.5,
+            False,
+        )
         ref = None
         for cfg in SWEEP:
             kc = triton_fwd.KernelConfig(*cfg[:5])
             try:
-                f = lambda: triton_fwd.block_sparse_attention_triton(*args, config=kc, use_tma=cfg[5])
+                f = lambda: triton_fwd.block_sparse_attention_triton(
+                    *args, config=kc, use_tma=cfg[5]
+                )
                 o = f()[0]
                 ref = o if ref is None else ref
                 t = bench(f, 300 if S < 100000 else 1000)
@@ -222,11 +265,13 @@ def sweep(log):
             except Exception as ex:
                 log(f"sweep S={S} cfg={cfg}: failed {type(ex).__name__}: {str(ex)[:200]}")
                 continue
-            log(f"sweep S={S} density={d:.3f} BM,BN,warps,stages,merged,tma={cfg}: {t:.3f} ms, "
+            log(
+                f"sweep S={S} density={d:.3f} BM,BN,warps,stages,merged,tma={cfg}: {t:.3f} ms, "
                 f"ratio {t / (d * cud):.3f} "
-                f"(rel diff vs first {e:.1e}; {_resources()})")
+                f"(rel diff vs first {e:.1e}; {_resources()})"
+            )
             rows.append((S, d, cfg, t))
-        del q, k, v, bm
+        q = k = v = bm = None
         torch.cuda.empty_cache()
     return rows
 
@@ -241,18 +286,36 @@ def sweep_d64(log, adopt):
     bm, d = random_causal_block_mask(1, HQ, S, S, BS, 0.1, g, device="cuda")
     cud = bench(make_sdpa(q, k, v, SDPBackend.CUDNN_ATTENTION), 300)
     log(f"sweep D=64 S={S}: dense cuDNN {cud:.2f} ms")
-    args = (q, k, v, bm.kv_num_blocks, bm.kv_indices, bm.full_kv_num_blocks, bm.full_kv_indices,
-            BS, BS, d64 ** -0.5, False)
+    args = (
+        q,
+        k,
+        v,
+        bm.kv_num_blocks,
+        bm.kv_indices,
+        bm.full_kv_num_blocks,
+        bm.full_kv_indices,
+        BS,
+        BS,
+        d64**-0.5,
+        False,
+    )
     best = None
-    for cfg in [(128, 64, 4, 3, False), (128, 128, 8, 3, False), (128, 64, 8, 3, False),
-                (128, 128, 4, 3, False), (128, 128, 8, 3, True)]:
+    for cfg in [
+        (128, 64, 4, 3, False),
+        (128, 128, 8, 3, False),
+        (128, 64, 8, 3, False),
+        (128, 128, 4, 3, False),
+        (128, 128, 8, 3, True),
+    ]:
         kc = triton_fwd.KernelConfig(*cfg)
         try:
             t = bench(lambda: triton_fwd.block_sparse_attention_triton(*args, config=kc), 300)
         except Exception as ex:
             log(f"sweep D=64 cfg={cfg}: failed {type(ex).__name__}: {str(ex)[:200]}")
             continue
-        log(f"sweep D=64 S={S} density={d:.3f} cfg={cfg}: {t:.3f} ms, ratio {t / (d * cud):.3f} ({_resources()})")
+        log(
+            f"sweep D=64 S={S} density={d:.3f} cfg={cfg}: {t:.3f} ms, ratio {t / (d * cud):.3f} ({_resources()})"
+        )
         if best is None or t < best[1]:
             best = (cfg, t)
     if adopt and best:
@@ -266,9 +329,13 @@ def main():
     ap.add_argument("--densities", type=float, nargs="+", default=[0.05, 0.1, 0.2, 0.4])
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     ap.add_argument("--tag", default="kernels_h200")
-    ap.add_argument("--sweep", action="store_true", help="time the tile configs first (128K@5%% and 10%%)")
+    ap.add_argument(
+        "--sweep", action="store_true", help="time the tile configs first (128K@5%% and 10%%)"
+    )
     ap.add_argument("--skip-check", action="store_true")
-    ap.add_argument("--adopt-best", action="store_true", help="use the sweep config fastest in total below")
+    ap.add_argument(
+        "--adopt-best", action="store_true", help="use the sweep config fastest in total below"
+    )
     ap.add_argument("--no-flex", action="store_true")
     args = ap.parse_args()
     out_dir = Path(args.out)
@@ -280,7 +347,9 @@ def main():
         lines.append(s)
 
     props = torch.cuda.get_device_properties(0)
-    log(f"device {props.name}, {props.multi_processor_count} SMs; torch {torch.__version__}, triton {triton.__version__}")
+    log(
+        f"device {props.name}, {props.multi_processor_count} SMs; torch {torch.__version__}, triton {triton.__version__}"
+    )
     if not args.skip_check:
         t0 = time.time()
         if not check_correctness(log):
@@ -317,8 +386,17 @@ def main():
             t = bench(lambda: _flex(q, k, v, block_mask=bm_dense, enable_gqa=True), rep)
             rows.append(dict(S=S, kernel="flex_triton_dense", density=1.0, ms=t))
             if has_flash:
-                t = bench(lambda: _flex(q, k, v, block_mask=bm_dense, enable_gqa=True,
-                                        kernel_options={"BACKEND": "FLASH"}), rep)
+                t = bench(
+                    lambda: _flex(
+                        q,
+                        k,
+                        v,
+                        block_mask=bm_dense,
+                        enable_gqa=True,
+                        kernel_options={"BACKEND": "FLASH"},
+                    ),
+                    rep,
+                )
                 rows.append(dict(S=S, kernel="flex_flash_dense", density=1.0, ms=t))
         t = bench(lambda: bsp.block_sparse_attention(q, k, v, bm_dense), rep)
         rows.append(dict(S=S, kernel="triton_dense", density=1.0, ms=t))
@@ -329,38 +407,59 @@ def main():
             g = torch.Generator(device="cuda").manual_seed(int(S * dens))
             bm, d = random_causal_block_mask(1, HQ, S, S, BS, dens, g, device="cuda")
             fl = useful_flops(bm, S)
-            r_ours = bench(lambda: bsp.block_sparse_attention(q, k, v, bm), max(100, int(rep * dens * 2)))
+            r_ours = bench(
+                lambda: bsp.block_sparse_attention(q, k, v, bm), max(100, int(rep * dens * 2))
+            )
             ours = bsp.block_sparse_attention(q, k, v, bm)
             if not args.no_flex:
                 fx = _flex(q, k, v, block_mask=bm, enable_gqa=True)
                 log(f"S={S} density {d:.3f}: ours vs flex rel diff {rel(ours, fx):.2e}")
-                t = bench(lambda: _flex(q, k, v, block_mask=bm, enable_gqa=True), max(100, int(rep * dens * 2)))
+                t = bench(
+                    lambda: _flex(q, k, v, block_mask=bm, enable_gqa=True),
+                    max(100, int(rep * dens * 2)),
+                )
                 rows.append(dict(S=S, kernel="flex_triton_sparse", density=d, ms=t, flops=fl))
                 if has_flash:
-                    t = bench(lambda: _flex(q, k, v, block_mask=bm, enable_gqa=True,
-                                            kernel_options={"BACKEND": "FLASH"}), max(100, int(rep * dens * 2)))
+                    t = bench(
+                        lambda: _flex(
+                            q,
+                            k,
+                            v,
+                            block_mask=bm,
+                            enable_gqa=True,
+                            kernel_options={"BACKEND": "FLASH"},
+                        ),
+                        max(100, int(rep * dens * 2)),
+                    )
                     rows.append(dict(S=S, kernel="flex_flash_sparse", density=d, ms=t, flops=fl))
             rows.append(dict(S=S, kernel="triton_sparse", density=d, ms=r_ours, flops=fl))
-            del bm, ours
+            bm = ours = None
         for r in rows:
             if r["S"] == S:
                 r["ratio"] = r["ms"] / (r["density"] * cudnn_t)
                 r["tflops"] = r["flops"] / (r["ms"] * 1e-3) / 1e12
-        del q, k, v
+        q = k = v = None
         torch.cuda.empty_cache()
 
     hdr = "| S | kernel | density | time (ms) | time / (density x cuDNN) | TFLOP/s |"
     md = [hdr, "|---|---|---|---|---|---|"]
     for r in rows:
-        md.append(f"| {r['S'] // 1024}K | {r['kernel']} | {r['density']:.3f} | {r['ms']:.2f} | "
-                  f"{r['ratio']:.2f} | {r['tflops']:.0f} |")
+        md.append(
+            f"| {r['S'] // 1024}K | {r['kernel']} | {r['density']:.3f} | {r['ms']:.2f} | "
+            f"{r['ratio']:.2f} | {r['tflops']:.0f} |"
+        )
     table = "\n".join(md)
     cmd = "python " + " ".join(sys.argv)
     (out_dir / f"{args.tag}.md").write_text(
         f"# Block-sparse attention kernels\n\n{lines[0]}\n\nHq={HQ}, Hkv={HKV}, D={D}, bf16, batch 1, "
-        f"causal, mask block {BS}; do_bench medians.\n\n{table}\n\nLog:\n\n```\n" + "\n".join(lines) + "\n```\n")
+        f"causal, mask block {BS}; do_bench medians.\n\n{table}\n\nLog:\n\n```\n"
+        + "\n".join(lines)
+        + "\n```\n"
+    )
     with open(out_dir / f"{args.tag}.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["S", "kernel", "density", "ms", "ratio", "tflops", "flops"])
+        w = csv.DictWriter(
+            f, fieldnames=["S", "kernel", "density", "ms", "ratio", "tflops", "flops"]
+        )
         w.writeheader()
         for r in rows:
             w.writerow({k: r[k] for k in w.fieldnames})

@@ -161,6 +161,19 @@ CASES = {
         B=1, Hq=2, Hkv=1, Sq=384, Sk=384, D=64, bs=128, dtype="float16", kind="random", density=1.0
     ),
 }
+# Kernel variants: K/V loads through pointers ("ptr") or TMA descriptors ("tma"), one merged loop
+# over full + partial blocks ("_merged") or two loops. Defaults: Hopper D=128 tma_merged, Hopper
+# D=64 tma, elsewhere ptr / ptr_merged. Every case runs the first two; a subset the other two.
+FULL_MODES = ("ptr", "tma_merged")
+SUBSET_MODES = ("tma", "ptr_merged")
+SUBSET_CASES = (
+    "fp16_ragged300_gqa42_batch2",
+    "fp16_prefix_ragged",
+    "fp16_partial_only",
+    "fp16_empty_rows",
+    "fp32_above_only",
+    "fp16_subtiles_bs128_t32",
+)
 # the public op path (validation + torch.ops.prism.block_sparse_attn_fwd -> interpreter)
 OP_CASES = (
     "fp16_ragged300_gqa42_batch2",
@@ -207,8 +220,8 @@ def build_case_mask(c: dict, gen: torch.Generator):
 
 
 def _run_case(name: str, c: dict, mode: str) -> dict:
-    """mode: launcher with "ptr" (pointer loads) / "tma" (TMA-descriptor loads) / "merged" (TMA +
-    one loop over full and partial blocks), or "op" (public API)."""
+    """mode: launcher with "ptr" / "tma" / "ptr_merged" / "tma_merged" (see FULL_MODES), or
+    "op" (the public API)."""
     from prism.kernels.block_sparse import triton_fwd
 
     gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
@@ -244,8 +257,8 @@ def _run_case(name: str, c: dict, mode: str) -> dict:
             scale,
             True,
             config=cfg,
-            use_tma=(mode in ("tma", "merged")),
-            merged=(mode == "merged"),
+            use_tma=mode.startswith("tma"),
+            merged=mode.endswith("merged"),
             out=out,
             lse=lse,
         )
@@ -271,7 +284,9 @@ def _worker() -> None:
     from prism.kernels.block_sparse import triton_fwd
 
     assert triton_fwd.interpreter_active(), "worker started without TRITON_INTERPRET=1"
-    jobs = [(n, m) for m in ("ptr", "tma", "merged") for n in CASES] + [(n, "op") for n in OP_CASES]
+    jobs = [(n, m) for m in FULL_MODES for n in CASES]
+    jobs += [(n, m) for m in SUBSET_MODES for n in SUBSET_CASES]
+    jobs += [(n, "op") for n in OP_CASES]
     for name, mode in jobs:
         try:
             res = _run_case(name, CASES[name], mode)
@@ -317,8 +332,11 @@ def _check(r: dict, dtype: str):
     assert r["out_dtype"] == f"torch.{dtype}"
 
 
-@pytest.mark.parametrize("mode", ["ptr", "tma", "merged"])
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize(
+    "name,mode",
+    [(n, m) for m in FULL_MODES for n in CASES]
+    + [(n, m) for m in SUBSET_MODES for n in SUBSET_CASES],
+)
 def test_interpreter_kernel_vs_naive(interp_results, name, mode):
     r = interp_results[(name, mode)]
     _check(r, CASES[name]["dtype"])

@@ -80,8 +80,8 @@ def block_sparse_attn_fwd(
     v: Tensor,
     kv_num_blocks: Tensor,
     kv_indices: Tensor,
-    full_kv_num_blocks: Optional[Tensor],
-    full_kv_indices: Optional[Tensor],
+    full_kv_num_blocks: Optional[Tensor],  # noqa: UP045 (schema inference)
+    full_kv_indices: Optional[Tensor],  # noqa: UP045
     bs_q: int,
     bs_kv: int,
     scale: float,

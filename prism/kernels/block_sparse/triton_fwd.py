@@ -41,8 +41,19 @@ _LOG2E = 1.0 / _LN2
 
 @triton.jit
 def _load_kv(
-    k_base, v_base, Kd, Vd, kv_row0, start_n, offs_n, offs_d, skn, svn, Sk,
-    USE_TMA: tl.constexpr, MASK_TAIL: tl.constexpr,
+    k_base,
+    v_base,
+    Kd,
+    Vd,
+    kv_row0,
+    start_n,
+    offs_n,
+    offs_d,
+    skn,
+    svn,
+    Sk,
+    USE_TMA: tl.constexpr,
+    MASK_TAIL: tl.constexpr,
 ):
     """K and V tiles [BLOCK_N, HEAD_DIM] starting at key ``start_n``."""
     if USE_TMA:
@@ -162,8 +173,21 @@ def _bsa_fwd_kernel_py(
             blk_p = tl.load(p_idx + (j - n_full), mask=j >= n_full, other=0)
             blk = tl.where(is_full, blk_f, blk_p)
             start_n = blk * BS_KV + (it % SUB_N) * BLOCK_N
-            k, v = _load_kv(k_base, v_base, Kd, Vd, kv_row0, start_n, offs_n, offs_d, skn, svn,
-                            Sk, USE_TMA, not EVEN_K)
+            k, v = _load_kv(
+                k_base,
+                v_base,
+                Kd,
+                Vd,
+                kv_row0,
+                start_n,
+                offs_n,
+                offs_d,
+                skn,
+                svn,
+                Sk,
+                USE_TMA,
+                not EVEN_K,
+            )
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
             if EVEN_K:
                 need_mask = j >= n_full
@@ -187,8 +211,21 @@ def _bsa_fwd_kernel_py(
         for it in range(0, n_full * SUB_N):
             blk = tl.load(f_idx + it // SUB_N)
             start_n = blk * BS_KV + (it % SUB_N) * BLOCK_N
-            k, v = _load_kv(k_base, v_base, Kd, Vd, kv_row0, start_n, offs_n, offs_d, skn, svn,
-                            Sk, USE_TMA, not EVEN_K)
+            k, v = _load_kv(
+                k_base,
+                v_base,
+                Kd,
+                Vd,
+                kv_row0,
+                start_n,
+                offs_n,
+                offs_d,
+                skn,
+                svn,
+                Sk,
+                USE_TMA,
+                not EVEN_K,
+            )
             if EVEN_K:
                 acc, m_i, l_i = _update(acc, m_i, l_i, q, k, v, qk_scale, 0, False, DOT_PREC)
             else:
@@ -198,8 +235,21 @@ def _bsa_fwd_kernel_py(
         for it in range(0, n_part * SUB_N):
             blk = tl.load(p_idx + it // SUB_N)
             start_n = blk * BS_KV + (it % SUB_N) * BLOCK_N
-            k, v = _load_kv(k_base, v_base, Kd, Vd, kv_row0, start_n, offs_n, offs_d, skn, svn,
-                            Sk, USE_TMA, not EVEN_K)
+            k, v = _load_kv(
+                k_base,
+                v_base,
+                Kd,
+                Vd,
+                kv_row0,
+                start_n,
+                offs_n,
+                offs_d,
+                skn,
+                svn,
+                Sk,
+                USE_TMA,
+                not EVEN_K,
+            )
             kn = start_n + offs_n
             ok = q_abs[:, None] >= kn[None, :]
             if not EVEN_K:
@@ -220,6 +270,11 @@ def _bsa_fwd_kernel_py(
 
 _bsa_fwd_kernel = triton.jit(_bsa_fwd_kernel_py)
 
+
+try:
+    from triton.runtime.errors import OutOfResources
+except Exception:  # pragma: no cover
+    OutOfResources = RuntimeError
 
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -252,13 +307,19 @@ class KernelConfig:
     merged: bool = False  # one loop over full + partial blocks (see the kernel)
 
 
-# Fixed table measured on the H200 (see benchmarks/results/kernels_*). Keyed on head dim; the
-# same tiles serve bf16 and fp16. fp32 inputs (tests, interpreter) use smaller tiles.
+# Fixed table measured on the H200 (benchmarks/results/kernels_h200.*; bf16, Hq=32, Hkv=8):
+# D=128: 128x128 tiles, 8 warps, 3 stages, merged loop, TMA K/V: 28.97 ms at 128K / 10 %
+#        (separate loops 30.70, 2 stages 30.92, pointer loads 30.79; 128x64 tiles 34.8-36.7).
+# D=64:  128x128 tiles, 4 warps, 3 stages: 1.125 ms at 32K / 10 % (128x64/8w 1.177, 128x64/4w 1.206).
+# The same tiles serve fp16. fp32 inputs (tests, interpreter) use smaller tiles. Where a config
+# does not fit (e.g. the shared memory of pre-Hopper GPUs), the launcher falls back to smaller ones.
 _TABLE = {
-    128: KernelConfig(128, 128, 8, 3),
-    64: KernelConfig(128, 64, 4, 3),
+    128: KernelConfig(128, 128, 8, 3, merged=True),
+    64: KernelConfig(128, 128, 4, 3),
     32: KernelConfig(128, 64, 4, 3),
 }
+_FALLBACKS = (KernelConfig(128, 64, 8, 2, merged=True), KernelConfig(64, 64, 4, 2, merged=True))
+_working: dict = {}  # (head_dim, dtype, device index, bs_q, bs_kv) -> config that compiled
 
 
 def _pow2_divisor(x: int) -> int:
@@ -428,11 +489,36 @@ def block_sparse_attention_triton(
         num_stages=cfg.num_stages,
     )
     global last_compiled
-    if q.device.type == "cuda":
-        with torch.cuda.device(q.device):
-            last_compiled = kernel[grid](*args, **meta)
-    else:
+    if q.device.type != "cuda":
         kernel[grid](*args, **meta)
+        return out, (lse if return_lse else None)
+    key = (D, q.dtype, q.device.index, bs_q, bs_kv)
+    tried = [cfg] if config is not None else [_working.get(key, cfg)]
+    if config is None:
+        tried += [pick_config(D, q.dtype, bs_q, bs_kv, fb) for fb in _FALLBACKS]
+    with torch.cuda.device(q.device):
+        for i, c in enumerate(tried):
+            meta.update(
+                BLOCK_M=c.BLOCK_M,
+                BLOCK_N=c.BLOCK_N,
+                num_warps=c.num_warps,
+                num_stages=c.num_stages,
+                MERGED=bool(c.merged if merged is None else merged),
+            )
+            g = (B * Hq * triton.cdiv(Sq, c.BLOCK_M),)
+            a = list(args)
+            a[-2] = triton.cdiv(Sq, c.BLOCK_M)  # n_m_tiles
+            if kd is not None:
+                kd.block_shape = [c.BLOCK_N, D]
+                vd.block_shape = [c.BLOCK_N, D]
+            try:
+                last_compiled = kernel[g](*a, **meta)
+            except OutOfResources:
+                if i + 1 == len(tried):
+                    raise
+                continue
+            _working[key] = c
+            break
     return out, (lse if return_lse else None)
 
 
