@@ -480,6 +480,8 @@ def test_validation_errors():
     with pytest.raises(ValueError, match="BLOCK_SIZE"):
         bm24, _ = random_causal_block_mask(1, 4, 128, 128, 24, 1.0)
         block_sparse_attention(q, k, v, bm24)
+    with pytest.raises(ValueError, match="scale"):
+        block_sparse_attention(q, k, v, bm, scale=-0.1)
     with pytest.raises(ValueError, match="k and v"):
         block_sparse_attention(q, k, v[:, :, :64], bm)
 

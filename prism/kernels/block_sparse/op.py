@@ -243,7 +243,7 @@ def block_sparse_attention(
             ``>= Sk`` are always masked. Preconditions not checked (they would need a device sync):
             the first ``num`` indices of each row are distinct, in ``[0, ceil(Sk/BS))``, and no block
             is both partial and full.
-        scale: softmax scale, default ``D ** -0.5``.
+        scale: softmax scale (> 0), default ``D ** -0.5``.
         return_lse: also return the natural-log log-sum-exp ``[B, Hq, Sq]`` in float32
             (``-inf`` on rows that see no key; their output is 0).
 
@@ -254,6 +254,8 @@ def block_sparse_attention(
     bs_q, bs_kv = (bs, bs) if isinstance(bs, int) else (int(bs[0]), int(bs[1]))
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
+    if not scale > 0:
+        raise ValueError(f"scale must be positive, got {scale}")
     out, lse = torch.ops.prism.block_sparse_attn_fwd(
         q,
         k,
