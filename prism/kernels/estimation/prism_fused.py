@@ -153,6 +153,7 @@ def _pool_kernel(
     SK,
     NQB,
     NKB,
+    NKB_P,
     D,
     HALF_D,
     HI_PAIRS,
@@ -204,9 +205,9 @@ def _pool_kernel(
             sks,
             skd,
             kbarT_ptr,
-            D * NKB,
+            D * NKB_P,
             1,
-            NKB,
+            NKB_P,
             kst_ptr,
             bh // HKV,
             bh % HKV,
@@ -254,8 +255,7 @@ def _band_logits(
     qrow_ptr,
     row_ok,
     kT_ptr,
-    NKB,
-    k_ok,
+    NKB_P,
     seg0,
     seg1,
     SEG_LEN,
@@ -264,8 +264,12 @@ def _band_logits(
     BLOCK_N: tl.constexpr,
     KC: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    EVEN_K: tl.constexpr,
 ):
-    """acc[R, BLOCK_N] = q̄_band · k̄_band over the band's dims (one or two contiguous segments)."""
+    """acc[R, BLOCK_N] = q̄_band · k̄_band over the band's dims (one or two contiguous segments).
+
+    ``kbarT`` rows are padded to ``NKB_P >= BLOCK_N`` columns, so the K̄ loads need no column
+    mask: the padding holds garbage that only reaches invisible columns (masked to -inf later)."""
     offs_c = tl.arange(0, KC)
     offs_n = tl.arange(0, BLOCK_N)
     acc = tl.zeros([R, BLOCK_N], dtype=tl.float32)
@@ -280,13 +284,18 @@ def _band_logits(
             a = tl.load(
                 qrow_ptr[:, None] + dims[None, :], mask=row_ok[:, None] & c_ok[None, :], other=0.0
             )
-            bt = tl.load(
-                kT_ptr + dims.to(tl.int64)[:, None] * NKB + offs_n[None, :],
-                mask=c_ok[:, None] & k_ok[None, :],
-                other=0.0,
-            )
+            b_ptrs = kT_ptr + dims[:, None] * NKB_P + offs_n[None, :]
+            if EVEN_K:
+                bt = tl.load(b_ptrs)
+            else:
+                bt = tl.load(b_ptrs, mask=c_ok[:, None], other=0.0)
             acc = tl.dot(a, bt, acc, input_precision=DOT_PREC)
     return acc
+
+
+@triton.jit
+def _add2(a0, a1, b0, b1):
+    return a0 + b0, a1 + b1
 
 
 @triton.jit
@@ -298,38 +307,51 @@ def _band_keep(
     target,
     RULE: tl.constexpr,
     KEEP_ALL: tl.constexpr,
+    DEBUG: tl.constexpr,
+    TUPLE_REDUCE: tl.constexpr,
 ):
     """Block-causal fp32 softmax of ``acc * scale`` per row, then the rule's kept set (bool)."""
     if KEEP_ALL:
         keep = vis
+    elif DEBUG == 3:  # timing variant: logits only
+        keep = vis & (acc > 0.0)
     else:
         z = tl.where(vis, acc * scale[:, None], float("-inf"))
         m = tl.max(z, 1)
         m = tl.where(m == float("-inf"), 0.0, m)
-        e = tl.exp(z - m[:, None])
+        e = tl.exp(z - m[:, None])  # exactly 0 where not visible
         den = tl.sum(e, 1)
         den = tl.where(den > 0.0, den, 1.0)
         prob = e / den[:, None]
         if RULE == 2:
             keep = vis & (prob >= target)
+        elif DEBUG == 1:  # timing variant: no threshold search
+            keep = vis & (prob * nvis[:, None].to(tl.float32) >= 1.0)
         else:
-            pb = tl.where(vis, prob.to(tl.int32, bitcast=True), -1)
-            hi = tl.max(pb, 1) + 1  # F(hi) = 0 < target: valid
-            lo = hi * 0 - 1  # below every value: "invalid" (F(lo) = total mass)
-            n_hi = hi * 0  # count(pb > hi)
-            n_lo = nvis  # count(pb > lo)
+            # Bisection on the int32 bit pattern of the threshold (see the module docstring).
+            # Invisible entries hold +0.0 (bits 0) and every probe ``mid`` is >= 0, so they are
+            # never counted; the final set is clipped to ``vis``.
+            hi = tl.max(prob.to(tl.int32, bitcast=True), 1) + 1  # F(hi) = 0 < target: valid
+            lo = hi * 0 - 1  # below every value: F(lo) = total mass >= target
+            n_hi = hi * 0  # count(prob > hi)
+            n_lo = nvis  # count(prob > lo) among the visible blocks
             active = ((n_lo - n_hi) > 1) & ((hi - lo) > 1)
             go = tl.max(active.to(tl.int32), 0) > 0
             while go:
                 mid = lo + (hi - lo) // 2
-                above = pb > mid[:, None]
-                n_mid = tl.sum(above.to(tl.int32), 1)
+                above = prob.to(tl.int32, bitcast=True) > mid[:, None]
+                if TUPLE_REDUCE:  # one shuffle tree for both sums
+                    n_mid, mass = tl.reduce(
+                        (above.to(tl.int32), tl.where(above, prob, 0.0)), 1, _add2
+                    )
+                else:  # (the interpreter runs a tuple reduce element by element in Python)
+                    n_mid = tl.sum(above.to(tl.int32), 1)
+                    mass = tl.sum(tl.where(above, prob, 0.0), 1)
                 if RULE == 1:
                     val = n_mid.to(tl.float32)
                 else:
-                    val = tl.sum(tl.where(above, prob, 0.0), 1)
-                ok = val < target
-                up_hi = active & ok
+                    val = mass
+                up_hi = active & (val < target)
                 up_lo = active & (val >= target)
                 hi = tl.where(up_hi, mid, hi)
                 n_hi = tl.where(up_hi, n_mid, n_hi)
@@ -337,8 +359,138 @@ def _band_keep(
                 n_lo = tl.where(up_lo, n_mid, n_lo)
                 active = ((n_lo - n_hi) > 1) & ((hi - lo) > 1)
                 go = tl.max(active.to(tl.int32), 0) > 0
-            keep = pb > lo[:, None]
+            keep = vis & (prob.to(tl.int32, bitcast=True) > lo[:, None])
     return keep
+
+
+@triton.jit
+def _select_tile(
+    qbar_ptr,
+    kbarT_ptr,
+    kv_num_ptr,
+    kv_idx_ptr,
+    full_num_ptr,
+    full_idx_ptr,
+    b,
+    bkv,
+    qt,
+    gt,
+    kvh,
+    scale_hi,
+    scale_lo,
+    HQ,
+    G,
+    SQ,
+    NQB,
+    NKB,
+    NKB_P,
+    D,
+    PREFIX,
+    HI_SEG0,
+    HI_SEG1,
+    HI_SEG_LEN,
+    LO_SEG0,
+    LO_SEG1,
+    LO_SEG_LEN,
+    tgt_hi,
+    tgt_lo,
+    N_SEGS: tl.constexpr,
+    RULE: tl.constexpr,
+    ALL_HI: tl.constexpr,
+    ALL_LO: tl.constexpr,
+    FORCE_SINK: tl.constexpr,
+    FORCE_DIAG: tl.constexpr,
+    BS: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    KC: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    DEBUG: tl.constexpr,
+    TUPLE_REDUCE: tl.constexpr,
+    EVEN_K: tl.constexpr,
+):
+    """One tile of R = BLOCK_G * BLOCK_Q rows, each with BLOCK_N >= its visible KV blocks."""
+    R: tl.constexpr = BLOCK_G * BLOCK_Q
+    r = tl.arange(0, R)
+    g = gt * BLOCK_G + r // BLOCK_Q
+    qi = qt * BLOCK_Q + r % BLOCK_Q
+    row_ok = (g < G) & (qi < NQB)
+    bh = b * HQ + kvh * G + g  # [R]
+
+    # ---- block-causal geometry of every row ------------------------------------------------
+    j = tl.arange(0, BLOCK_N)
+    last_q = PREFIX + tl.minimum((qi + 1) * BS, SQ) - 1  # absolute position of the last query
+    nvis = tl.where(row_ok, tl.minimum(last_q // BS + 1, NKB), 0)
+    vis = j[None, :] < nvis[:, None]
+
+    # ---- per band: logits -> softmax -> kept set; union --------------------------------------
+    qrow_ptr = qbar_ptr + (bh.to(tl.int64) * NQB + qi) * D
+    kT_ptr = kbarT_ptr + bkv.to(tl.int64) * D * NKB_P
+    acc = _band_logits(
+        qrow_ptr,
+        row_ok,
+        kT_ptr,
+        NKB_P,
+        HI_SEG0,
+        HI_SEG1,
+        HI_SEG_LEN,
+        N_SEGS,
+        R,
+        BLOCK_N,
+        KC,
+        DOT_PREC,
+        EVEN_K,
+    )
+    sel = _band_keep(acc, scale_hi, vis, nvis, tgt_hi, RULE, ALL_HI, DEBUG, TUPLE_REDUCE)
+    acc = _band_logits(
+        qrow_ptr,
+        row_ok,
+        kT_ptr,
+        NKB_P,
+        LO_SEG0,
+        LO_SEG1,
+        LO_SEG_LEN,
+        N_SEGS,
+        R,
+        BLOCK_N,
+        KC,
+        DOT_PREC,
+        EVEN_K,
+    )
+    sel = sel | _band_keep(acc, scale_lo, vis, nvis, tgt_lo, RULE, ALL_LO, DEBUG, TUPLE_REDUCE)
+
+    # ---- forced blocks, causal clip ------------------------------------------------------------
+    part = vis & ((j[None, :] * BS + BS - 1) > (PREFIX + qi * BS)[:, None])
+    if FORCE_SINK:
+        sel = sel | (j == 0)[None, :]
+    if FORCE_DIAG:
+        sel = sel | part
+    sel = sel & vis
+
+    # ---- block lists (ascending selected, then ascending unselected) --------------------------
+    psel = sel & part
+    fsel = sel & (~part)
+    num_off = bh * NQB + qi
+    if DEBUG == 2:  # timing variant: counts only
+        tl.store(full_num_ptr + num_off, tl.sum(fsel.to(tl.int32), 1), mask=row_ok)
+        tl.store(kv_num_ptr + num_off, tl.sum(psel.to(tl.int32), 1), mask=row_ok)
+    else:
+        code = fsel.to(tl.int32) + psel.to(tl.int32) * 65536
+        c = tl.cumsum(code, 1)  # inclusive prefix counts of both lists at once
+        cf = c & 65535
+        cp = c >> 16
+        n_f = tl.sum(fsel.to(tl.int32), 1)
+        n_p = tl.sum(psel.to(tl.int32), 1)
+        jj = j[None, :] + r[:, None] * 0
+        pos_f = tl.where(fsel, cf - 1, n_f[:, None] + jj - cf)
+        pos_p = tl.where(psel, cp - 1, n_p[:, None] + jj - cp)
+        row_off = (bh.to(tl.int64) * NQB + qi) * NKB
+        st_ok = row_ok[:, None] & (j < NKB)[None, :]
+        tl.store(full_idx_ptr + row_off[:, None] + pos_f, jj, mask=st_ok)
+        tl.store(kv_idx_ptr + row_off[:, None] + pos_p, jj, mask=st_ok)
+        tl.store(full_num_ptr + num_off, n_f, mask=row_ok)
+        tl.store(kv_num_ptr + num_off, n_p, mask=row_ok)
 
 
 @triton.jit
@@ -357,6 +509,7 @@ def _select_kernel(
     SQ,
     NQB,
     NKB,
+    NKB_P,
     D,
     PREFIX,
     HI_SEG0,
@@ -391,6 +544,10 @@ def _select_kernel(
     NQ_CHUNKS: tl.constexpr,
     NK_CHUNKS: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    TIERS: tl.constexpr,
+    DEBUG: tl.constexpr,
+    TUPLE_REDUCE: tl.constexpr,
+    EVEN_K: tl.constexpr,
 ):
     R: tl.constexpr = BLOCK_G * BLOCK_Q
     pid = tl.program_id(0)
@@ -401,21 +558,7 @@ def _select_kernel(
     bkv = rest // n_g_tiles  # b * HKV + kv head
     b = bkv // HKV
     kvh = bkv % HKV
-
     r = tl.arange(0, R)
-    g = gt * BLOCK_G + r // BLOCK_Q
-    qi = qt * BLOCK_Q + r % BLOCK_Q
-    row_ok = (g < G) & (qi < NQB)
-    h = kvh * G + g
-    bh = b * HQ + h  # [R]
-
-    # ---- block-causal geometry of every row ------------------------------------------------
-    j = tl.arange(0, BLOCK_N)
-    last_q = PREFIX + tl.minimum((qi + 1) * BS, SQ) - 1  # absolute position of the last query
-    nvis = tl.where(row_ok, tl.minimum(last_q // BS + 1, NKB), 0)
-    vis = j[None, :] < nvis[:, None]
-    part = vis & ((j[None, :] * BS + BS - 1) > (PREFIX + qi * BS)[:, None])
-    k_ok = j < tl.max(nvis, 0)
 
     # ---- band temperatures (energy calibration, DESIGN §4.3) ------------------------------------
     if CALIBRATE:
@@ -444,68 +587,67 @@ def _select_kernel(
         scale_hi = tl.zeros([R], dtype=tl.float32) + scale_hi0
         scale_lo = tl.zeros([R], dtype=tl.float32) + scale_lo0
 
-    # ---- per band: logits -> softmax -> kept set; union --------------------------------------
-    qrow_ptr = qbar_ptr + (bh.to(tl.int64) * NQB + qi) * D
-    kT_ptr = kbarT_ptr + bkv.to(tl.int64) * D * NKB
-    acc = _band_logits(
-        qrow_ptr,
-        row_ok,
-        kT_ptr,
-        NKB,
-        k_ok,
-        HI_SEG0,
-        HI_SEG1,
-        HI_SEG_LEN,
-        N_SEGS,
-        R,
-        BLOCK_N,
-        KC,
-        DOT_PREC,
-    )
-    sel = _band_keep(acc, scale_hi, vis, nvis, tgt_hi, RULE, ALL_HI)
-    acc = _band_logits(
-        qrow_ptr,
-        row_ok,
-        kT_ptr,
-        NKB,
-        k_ok,
-        LO_SEG0,
-        LO_SEG1,
-        LO_SEG_LEN,
-        N_SEGS,
-        R,
-        BLOCK_N,
-        KC,
-        DOT_PREC,
-    )
-    sel = sel | _band_keep(acc, scale_lo, vis, nvis, tgt_lo, RULE, ALL_LO)
-
-    # ---- forced blocks, causal clip ------------------------------------------------------------
-    if FORCE_SINK:
-        sel = sel | (j == 0)[None, :]
-    if FORCE_DIAG:
-        sel = sel | part
-    sel = sel & vis
-
-    # ---- block lists (ascending selected, then ascending unselected) --------------------------
-    psel = sel & part
-    fsel = sel & (~part)
-    code = fsel.to(tl.int32) + psel.to(tl.int32) * 65536
-    c = tl.cumsum(code, 1)  # inclusive prefix counts of both lists at once
-    cf = c & 65535
-    cp = c >> 16
-    n_f = tl.sum(fsel.to(tl.int32), 1)
-    n_p = tl.sum(psel.to(tl.int32), 1)
-    jj = j[None, :] + r[:, None] * 0
-    pos_f = tl.where(fsel, cf - 1, n_f[:, None] + jj - cf)
-    pos_p = tl.where(psel, cp - 1, n_p[:, None] + jj - cp)
-    row_off = (bh.to(tl.int64) * NQB + qi) * NKB
-    st_ok = row_ok[:, None] & (j < NKB)[None, :]
-    tl.store(full_idx_ptr + row_off[:, None] + pos_f, jj, mask=st_ok)
-    tl.store(kv_idx_ptr + row_off[:, None] + pos_p, jj, mask=st_ok)
-    num_off = bh * NQB + qi
-    tl.store(full_num_ptr + num_off, n_f, mask=row_ok)
-    tl.store(kv_num_ptr + num_off, n_p, mask=row_ok)
+    # ---- causal tiers: a tile whose rows see few KV blocks runs with a narrower register row ----
+    qi_last = tl.minimum(qt * BLOCK_Q + BLOCK_Q - 1, NQB - 1)
+    tile_nvis = tl.minimum((PREFIX + tl.minimum((qi_last + 1) * BS, SQ) - 1) // BS + 1, NKB)
+    N4: tl.constexpr = BLOCK_N // 4
+    N2: tl.constexpr = BLOCK_N // 2
+    if TIERS >= 3 and N4 >= 16:
+        if tile_nvis <= N4:
+            _select_tile(
+                qbar_ptr, kbarT_ptr, kv_num_ptr, kv_idx_ptr, full_num_ptr, full_idx_ptr,
+                b, bkv, qt, gt, kvh, scale_hi, scale_lo,
+                HQ, G, SQ, NQB, NKB, NKB_P, D, PREFIX,
+                HI_SEG0, HI_SEG1, HI_SEG_LEN, LO_SEG0, LO_SEG1, LO_SEG_LEN, tgt_hi, tgt_lo,
+                N_SEGS, RULE, ALL_HI, ALL_LO, FORCE_SINK, FORCE_DIAG,
+                BS, BLOCK_G, BLOCK_Q, N4, KC, DOT_PREC, DEBUG, TUPLE_REDUCE, EVEN_K,
+            )  # fmt: skip
+        elif tile_nvis <= N2:
+            _select_tile(
+                qbar_ptr, kbarT_ptr, kv_num_ptr, kv_idx_ptr, full_num_ptr, full_idx_ptr,
+                b, bkv, qt, gt, kvh, scale_hi, scale_lo,
+                HQ, G, SQ, NQB, NKB, NKB_P, D, PREFIX,
+                HI_SEG0, HI_SEG1, HI_SEG_LEN, LO_SEG0, LO_SEG1, LO_SEG_LEN, tgt_hi, tgt_lo,
+                N_SEGS, RULE, ALL_HI, ALL_LO, FORCE_SINK, FORCE_DIAG,
+                BS, BLOCK_G, BLOCK_Q, N2, KC, DOT_PREC, DEBUG, TUPLE_REDUCE, EVEN_K,
+            )  # fmt: skip
+        else:
+            _select_tile(
+                qbar_ptr, kbarT_ptr, kv_num_ptr, kv_idx_ptr, full_num_ptr, full_idx_ptr,
+                b, bkv, qt, gt, kvh, scale_hi, scale_lo,
+                HQ, G, SQ, NQB, NKB, NKB_P, D, PREFIX,
+                HI_SEG0, HI_SEG1, HI_SEG_LEN, LO_SEG0, LO_SEG1, LO_SEG_LEN, tgt_hi, tgt_lo,
+                N_SEGS, RULE, ALL_HI, ALL_LO, FORCE_SINK, FORCE_DIAG,
+                BS, BLOCK_G, BLOCK_Q, BLOCK_N, KC, DOT_PREC, DEBUG, TUPLE_REDUCE, EVEN_K,
+            )  # fmt: skip
+    elif TIERS >= 2 and N2 >= 16:
+        if tile_nvis <= N2:
+            _select_tile(
+                qbar_ptr, kbarT_ptr, kv_num_ptr, kv_idx_ptr, full_num_ptr, full_idx_ptr,
+                b, bkv, qt, gt, kvh, scale_hi, scale_lo,
+                HQ, G, SQ, NQB, NKB, NKB_P, D, PREFIX,
+                HI_SEG0, HI_SEG1, HI_SEG_LEN, LO_SEG0, LO_SEG1, LO_SEG_LEN, tgt_hi, tgt_lo,
+                N_SEGS, RULE, ALL_HI, ALL_LO, FORCE_SINK, FORCE_DIAG,
+                BS, BLOCK_G, BLOCK_Q, N2, KC, DOT_PREC, DEBUG, TUPLE_REDUCE, EVEN_K,
+            )  # fmt: skip
+        else:
+            _select_tile(
+                qbar_ptr, kbarT_ptr, kv_num_ptr, kv_idx_ptr, full_num_ptr, full_idx_ptr,
+                b, bkv, qt, gt, kvh, scale_hi, scale_lo,
+                HQ, G, SQ, NQB, NKB, NKB_P, D, PREFIX,
+                HI_SEG0, HI_SEG1, HI_SEG_LEN, LO_SEG0, LO_SEG1, LO_SEG_LEN, tgt_hi, tgt_lo,
+                N_SEGS, RULE, ALL_HI, ALL_LO, FORCE_SINK, FORCE_DIAG,
+                BS, BLOCK_G, BLOCK_Q, BLOCK_N, KC, DOT_PREC, DEBUG, TUPLE_REDUCE, EVEN_K,
+            )  # fmt: skip
+    else:
+        _select_tile(
+            qbar_ptr, kbarT_ptr, kv_num_ptr, kv_idx_ptr, full_num_ptr, full_idx_ptr,
+            b, bkv, qt, gt, kvh, scale_hi, scale_lo,
+            HQ, G, SQ, NQB, NKB, NKB_P, D, PREFIX,
+            HI_SEG0, HI_SEG1, HI_SEG_LEN, LO_SEG0, LO_SEG1, LO_SEG_LEN, tgt_hi, tgt_lo,
+            N_SEGS, RULE, ALL_HI, ALL_LO, FORCE_SINK, FORCE_DIAG,
+            BS, BLOCK_G, BLOCK_Q, BLOCK_N, KC, DOT_PREC, DEBUG, TUPLE_REDUCE, EVEN_K,
+        )  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------
@@ -522,6 +664,11 @@ class SelectConfig:
     kc: int = 16
     dot_prec: str = "ieee"
     num_stages: int = 1
+    tiers: int = 1
+
+
+def _interpreting(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu"  # CPU tensors only run under TRITON_INTERPRET=1
 
 
 def _next_pow2(n: int) -> int:
@@ -581,23 +728,35 @@ class _Plan:
         self.bs = int(config.block_size)
         self.g = hq // hkv
         self.nqb, self.nkb = math.ceil(sq / self.bs), math.ceil(sk / self.bs)
+        self.nkb_p = max(16, _next_pow2(self.nkb))  # = BLOCK_N of the select kernel
         self.half = d // 2
         self.w_hi, self.w_lo = _band_widths(config, d)
         self.interleaved = config.rope_layout == "interleaved"
         self.config = config
 
 
-def pool_blocks_fused(q: torch.Tensor, k: torch.Tensor, config, plan: _Plan | None = None):
-    """Launch 1: ``(qbar [B,Hq,NQB,D], kbarT [B,Hkv,D,NKB], qstats [B,Hq,3,NQB],
-    kstats [B,Hkv,3,NKB])``, fp32; stats = per-block sums of squares (all, high band, low band)."""
+def pool_blocks_fused(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    config,
+    plan: _Plan | None = None,
+    rows: int | None = None,
+    num_warps: int = 4,
+):
+    """Launch 1: ``(qbar [B,Hq,NQB,D], kbarT [B,Hkv,D,NKB_P], qstats [B,Hq,3,NQB],
+    kstats [B,Hkv,3,NKB])``, fp32; stats = per-block sums of squares (all, high band, low band).
+    ``kbarT``'s rows are padded to ``NKB_P = max(16, next_pow2(NKB))`` (the padding is not written).
+    ``rows``: tokens per load (default 4096 // D)."""
     pl = plan or _Plan(q, k, config)
     dev = q.device
     qbar = torch.empty(pl.b, pl.hq, pl.nqb, pl.d, device=dev, dtype=torch.float32)
-    kbarT = torch.empty(pl.b, pl.hkv, pl.d, pl.nkb, device=dev, dtype=torch.float32)
+    kbarT = torch.empty(pl.b, pl.hkv, pl.d, pl.nkb_p, device=dev, dtype=torch.float32)
+    if pl.nkb_p > pl.nkb:  # padding only reaches invisible columns; keep it finite anyway
+        kbarT[..., pl.nkb :].zero_()
     qst = torch.empty(pl.b, pl.hq, 3, pl.nqb, device=dev, dtype=torch.float32)
     kst = torch.empty(pl.b, pl.hkv, 3, pl.nkb, device=dev, dtype=torch.float32)
     d_p = max(16, _next_pow2(pl.d))
-    rows = max(1, min(pl.bs, 4096 // d_p))
+    rows = max(1, min(pl.bs, rows or 4096 // d_p))
     n_qprog = pl.b * pl.hq * pl.nqb
     _pool_kernel[(n_qprog + pl.b * pl.hkv * pl.nkb,)](
         q,
@@ -614,6 +773,7 @@ def pool_blocks_fused(q: torch.Tensor, k: torch.Tensor, config, plan: _Plan | No
         pl.sk,
         pl.nqb,
         pl.nkb,
+        pl.nkb_p,
         pl.d,
         pl.half,
         pl.w_hi // 2,
@@ -623,7 +783,7 @@ def pool_blocks_fused(q: torch.Tensor, k: torch.Tensor, config, plan: _Plan | No
         BS=pl.bs,
         D_P=d_p,
         ROWS=rows,
-        num_warps=4,
+        num_warps=num_warps,
     )
     return qbar, kbarT, qst, kst
 
@@ -636,6 +796,7 @@ def select_from_pooled(
     launch: SelectConfig | None = None,
     plan: _Plan | None = None,
     return_kernel: bool = False,
+    debug: int = 0,
 ):
     """Launch 2: the four block lists from :func:`pool_blocks_fused`'s output.
 
@@ -644,7 +805,7 @@ def select_from_pooled(
     qbar, kbarT, qst, kst = pooled
     dev = q.device
     launch = launch or pick_select_config(pl.g, pl.nkb)
-    block_n = max(16, _next_pow2(pl.nkb))
+    block_n = pl.nkb_p
     if launch.block_g * launch.block_q < 16:
         raise ValueError("a select tile needs >= 16 rows (tl.dot)")
     n_q_tiles = math.ceil(pl.nqb / launch.block_q)
@@ -694,6 +855,7 @@ def select_from_pooled(
         pl.sq,
         nqb,
         nkb,
+        pl.nkb_p,
         d,
         pl.sk - pl.sq,
         *hi_seg,
@@ -724,6 +886,10 @@ def select_from_pooled(
         NQ_CHUNKS=math.ceil(nqb / st_chunk),
         NK_CHUNKS=math.ceil(nkb / st_chunk),
         DOT_PREC=launch.dot_prec,
+        TIERS=launch.tiers,
+        DEBUG=debug,
+        TUPLE_REDUCE=not _interpreting(q),
+        EVEN_K=(hi_seg[2] % launch.kc == 0) and (lo_seg[2] % launch.kc == 0),
         num_warps=launch.num_warps,
         num_stages=launch.num_stages,
     )
