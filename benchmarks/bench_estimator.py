@@ -123,22 +123,49 @@ def check(cfg, lengths, dtypes, seed=1, device="cuda"):
     return rows
 
 
-def sweep(cfg, s, variants):
+def sweep(cfg, s, variants, pool_variants=()):
+    """Select-kernel launch variants ``(SelectConfig, debug)`` on one pooled input; debug 1/2/3
+    are timing-only variants (no threshold search / no list writing / logits only)."""
     q, k = synth_qk(1, 32, 8, s, 128, 0, torch.bfloat16)
     plan = pf._Plan(q, k, cfg)
     pooled = pf.pool_blocks_fused(q, k, cfg, plan)
     ref = pf.select_from_pooled(pooled, q, k, cfg, None, plan)
     ref_mask = fused_mask(ref, s, s, cfg.block_size)
     out = []
-    for v in variants:
+    for v, dbg in variants:
+        name = f"{v}" + (f" DEBUG={dbg}" if dbg else "")
         try:
-            lists, kern = pf.select_from_pooled(pooled, q, k, cfg, v, plan, return_kernel=True)
-            same = int((fused_mask(lists, s, s, cfg.block_size) != ref_mask).any(-1).sum())
-            t = bench(lambda v=v: pf.select_from_pooled(pooled, q, k, cfg, v, plan))
+            t0 = time.time()
+            lists, kern = pf.select_from_pooled(
+                pooled, q, k, cfg, v, plan, return_kernel=True, debug=dbg
+            )
+            torch.cuda.synchronize()
+            comp = time.time() - t0
+            diff = -1
+            if not dbg:
+                diff = int((fused_mask(lists, s, s, cfg.block_size) != ref_mask).any(-1).sum())
+            t = bench(
+                lambda v=v, dbg=dbg: pf.select_from_pooled(pooled, q, k, cfg, v, plan, debug=dbg)
+            )
             regs, spills = getattr(kern, "n_regs", -1), getattr(kern, "n_spills", -1)
-            out.append(dict(S=s, launch=str(v), ms=t, regs=regs, spills=spills, diff_rows=same))
+            out.append(
+                dict(
+                    S=s, launch=name, ms=t, regs=regs, spills=spills, diff_rows=diff, compile_s=comp
+                )
+            )
         except Exception as e:  # a variant that does not compile is reported, not fatal
-            out.append(dict(S=s, launch=str(v), ms=float("nan"), error=repr(e)[:200]))
+            out.append(dict(S=s, launch=name, ms=float("nan"), error=repr(e)[:200]))
+        print("sweep", out[-1], flush=True)
+    qk_bytes = (q.numel() + k.numel()) * q.element_size()
+    for rows, warps in pool_variants:
+        t = bench(
+            lambda r=rows, w=warps: pf.pool_blocks_fused(q, k, cfg, plan, rows=r, num_warps=w)
+        )
+        out.append(
+            dict(
+                S=s, launch=f"pool rows={rows} warps={warps} ({qk_bytes / t / 1e6:.0f} GB/s)", ms=t
+            )
+        )
         print("sweep", out[-1], flush=True)
     return out
 
@@ -205,95 +232,83 @@ def to_md(rows, cols) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--lengths", type=int, nargs="+", default=[8192, 16384, 32768, 65536, 131072])
-    ap.add_argument("--sweep", action="store_true")
-    ap.add_argument("--no-check", action="store_true")
+    ap.add_argument("--phase", choices=["all", "sweep", "timing"], default="all")
     ap.add_argument("--threshold", type=float, default=0.95)
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_estimator.py needs a CUDA GPU")
     cfg = PrismConfig(threshold=args.threshold)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     env = (
         f"{torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__}"
         f" | python {platform.python_version()}"
     )
     print(env, flush=True)
-    checks = []
-    if not args.no_check:
-        checks = check(
-            cfg,
-            [(4096, 0), (16384, 0), (8192, 1000), (3000, 257)],
-            [torch.float32, torch.bfloat16],
-        )
-    sweeps = []
-    if args.sweep:
-        lo, hi = min(args.lengths), max(args.lengths)
-        sc = pf.SelectConfig
-        for s in sorted({lo, hi}):
-            nkb = math.ceil(s / 128)
-            base = pf.pick_select_config(4, nkb)
-            variants = [base]
-            for w in (base.num_warps // 2, base.num_warps * 2):
-                if 1 <= w <= 16:
-                    variants.append(sc(4, 4, w))
-            variants += [
-                sc(4, 8, min(16, base.num_warps * 2)),
-                sc(4, 4, base.num_warps, dot_prec="tf32x3"),
-            ]
-            variants.append(sc(4, 4, base.num_warps, num_stages=2))
-            sweeps += sweep(cfg, s, variants)
-    bw = copy_bw_gbps()
-    timing = time_lengths(cfg, args.lengths)
-
-    cols = [
-        "S",
-        "density",
-        "diff_rows",
-        "unfused_ms",
-        "unfused+lists_ms",
-        "meanpool_ms",
-        "fused_ms",
-        "fused.pool_ms",
-        "fused.select_ms",
-        "pool_GBps",
-        "unfused_mb",
-        "unfused+lists_mb",
-        "fused_mb",
-        "fused_out_mb",
-        "regs",
-        "spills",
-    ]
-    md = [
-        "# Prism estimator: unfused PyTorch vs fused Triton (H200)",
-        "",
-        f"`{env}`; Hq=32, Hkv=8, D=128, bf16, batch 1, Sq=Sk, threshold {args.threshold}, "
-        "BS=128; synthetic RoPE'd topic Q/K. Times: do_bench medians (ms). Memory: extra peak of "
-        "one call in MB, outputs included (`*_out_mb`: the outputs alone). "
-        f"Device copy bandwidth (read+write): {bw:.0f} GB/s.",
-        "",
-        "## Timing",
-        "",
-        to_md(timing, cols),
-        "",
-    ]
-    if checks:
-        md += ["## Fused vs unfused selection", "", to_md(checks, list(checks[0].keys())), ""]
-    if sweeps:
-        keys = ["S", "launch", "ms", "regs", "spills", "diff_rows", "error"]
-        md += ["## Select-kernel launch sweep", "", to_md(sweeps, keys), ""]
     cmd = "python " + " ".join([os.path.relpath(__file__)] + sys.argv[1:])
-    md += [f"Command: `{cmd}`  ({time.time() - t0:.0f} s)", ""]
-    text = "\n".join(md)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "estimator_h200.md").write_text(text)
-    with open(out / "estimator_h200.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=sorted({k for r in timing for k in r}))
-        w.writeheader()
-        w.writerows(timing)
-    (out / "estimator_h200_command.txt").write_text(cmd + "\n" + env + "\n")
-    print(text)
+
+    if args.phase in ("all", "sweep"):
+        checks = check(cfg, [(4096, 0), (16384, 0), (3000, 257)], [torch.float32, torch.bfloat16])
+        sc = pf.SelectConfig
+        sweeps = []
+        lo, hi = min(args.lengths), max(args.lengths)
+        for s in sorted({lo, hi}):
+            base = pf.pick_select_config(4, math.ceil(s / 128))
+            variants = [(base, 0)]
+            if s == hi:
+                variants += [
+                    (sc(4, 4, min(32, base.num_warps * 2), dot_prec="tf32x3", tiers=3), 0),
+                    (sc(4, 4, base.num_warps, dot_prec="ieee", tiers=3), 0),
+                    (sc(4, 4, base.num_warps, dot_prec="tf32x3", tiers=1), 0),
+                    (base, 1),
+                    (base, 2),
+                    (base, 3),
+                ]
+                pools = [(32, 4), (64, 8), (128, 8)]
+            else:
+                variants += [(sc(4, 4, max(1, base.num_warps // 2), dot_prec="tf32x3", tiers=3), 0)]
+                pools = []
+            sweeps += sweep(cfg, s, variants, pools)
+        md = ["## Fused vs unfused selection (fp32 exact / bf16)", ""]
+        md += [to_md(checks, list(checks[0].keys())), ""]
+        keys = ["S", "launch", "ms", "regs", "spills", "diff_rows", "compile_s", "error"]
+        md += ["## Select-kernel launch sweep", "", to_md(sweeps, keys), ""]
+        md += [f"Command: `{cmd}`; `{env}` ({time.time() - t0:.0f} s)", ""]
+        (out / "estimator_h200_sweep.md").write_text("\n".join(md))
+        print("\n".join(md), flush=True)
+
+    if args.phase in ("all", "timing"):
+        bw = copy_bw_gbps()
+        timing = time_lengths(cfg, args.lengths)
+        cols = [
+            "S", "density", "diff_rows", "unfused_ms", "unfused+lists_ms", "meanpool_ms",
+            "fused_ms", "fused.pool_ms", "fused.select_ms", "pool_GBps", "unfused_mb",
+            "unfused+lists_mb", "fused_mb", "fused_out_mb", "regs", "spills",
+        ]  # fmt: skip
+        md = [
+            "# Prism estimator: unfused PyTorch vs fused Triton (H200)",
+            "",
+            f"`{env}`; Hq=32, Hkv=8, D=128, bf16, batch 1, Sq=Sk, threshold {args.threshold}, "
+            "BS=128; synthetic RoPE'd topic Q/K. Times: do_bench medians (ms). Memory: extra peak "
+            "of one call in MB, outputs included (`fused_out_mb`: the four block lists alone). "
+            f"Device copy bandwidth (read+write): {bw:.0f} GB/s. Launch shapes: "
+            + "; ".join(f"{r['S']}: {r['launch']}" for r in timing),
+            "",
+            to_md(timing, cols),
+            "",
+            f"Command: `{cmd}`  ({time.time() - t0:.0f} s)",
+            "",
+        ]
+        text = "\n".join(md)
+        (out / "estimator_h200.md").write_text(text)
+        with open(out / "estimator_h200.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=sorted({k for r in timing for k in r}))
+            w.writeheader()
+            w.writerows(timing)
+        print(text)
+    (out / f"estimator_h200_command_{args.phase}.txt").write_text(cmd + "\n" + env + "\n")
 
 
 if __name__ == "__main__":
