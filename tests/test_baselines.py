@@ -367,10 +367,12 @@ def test_xattn_memory_bounded_by_chunk():
     r = json.loads(res.stdout.strip().splitlines()[-1])
     b, h, s = 1, 4, 65536
     assert r["nkb"] == s // 128
-    # one chunk: (chunk/S) x (Sk/S) logits plus as many float32 probabilities, 4 bytes each
+    # one chunk: (chunk/S) x (Sk/S) logits plus as many float32 probabilities, 4 bytes each;
+    # allow twice that, one copy of K (matmul packing) and a few block-level tensors
     per_chunk = b * h * (chunk // stride) * (s // stride) * 4  # 32 MiB
+    k_bytes = b * h * s * 64 * 4  # 64 MiB
     block_level = b * h * (s // 128) ** 2 * 4  # one fp32 [B, H, NQB, NKB]: 4 MiB
-    bound = 3 * per_chunk + 20 * block_level  # 176 MiB
+    bound = 4 * per_chunk + k_bytes + 4 * block_level  # 208 MiB (measured: ~100 MiB)
     unchunked = b * h * (s // stride) ** 2 * 4  # the whole reduced score matrix: 1 GiB
     print(f"xattn 64K: extra peak {r['extra'] / 2**20:.0f} MiB, bound {bound / 2**20:.0f} MiB")
     assert r["extra"] < bound, (r, bound)

@@ -55,7 +55,7 @@ def probe_profiles(
 
     def logits(c0: int, c1: int) -> torch.Tensor:
         s = torch.matmul(qp, k[:, :, c0:c1].transpose(-1, -2)).view(b, hq, n, c1 - c0)
-        s = s.float() * scale
+        s = s.float().mul_(scale)
         if c1 - 1 > sk - n:  # the chunk holds keys some probe rows may not see
             cols = torch.arange(c0, c1, device=dev)
             s.masked_fill_(cols[None, :] > pos[:, None], float("-inf"))

@@ -37,6 +37,7 @@ copied only when it is not contiguous or Sk is not a multiple of BS (zero paddin
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -82,7 +83,11 @@ class XAttnConfig(ScorerConfig):
 
 
 def cover(
-    mass: torch.Tensor, p: float, candidates: torch.Tensor, start: torch.Tensor | None = None
+    mass: torch.Tensor,
+    p: float,
+    candidates: torch.Tensor,
+    start: torch.Tensor | None = None,
+    accumulate: torch.dtype = torch.float64,
 ) -> torch.Tensor:
     """Minimal descending set of ``candidates`` covering a share ``p`` of the mass.
 
@@ -90,23 +95,24 @@ def cover(
     mass already covered (e.g. forced blocks), counted before any candidate. The total is
     ``start + Σ candidate mass``. A candidate is kept iff ``start +`` (mass of the candidates
     strictly before it in descending order) ``< p × total``; ``p >= 1`` keeps every candidate.
-    Cumulative sums run in float64 so that long rows (one entry per token) stay exact enough.
-    Returns bool [..., N].
+    Cumulative sums run in ``accumulate`` (float64 by default, so that long rows, e.g. one entry
+    per token, stay exact enough). Returns bool [..., N].
     """
     candidates = candidates.expand(mass.shape)
     if p >= 1.0:
         return candidates.clone()
-    key = mass.float().masked_fill(~candidates, -1.0)
-    sorted_key, order = key.sort(dim=-1, descending=True)
-    m = sorted_key.clamp_min(0.0).double()
+    sorted_mass, order = mass.float().masked_fill(~candidates, -1.0).sort(dim=-1, descending=True)
+    m = sorted_mass.clamp_min_(0.0).to(accumulate)
     csum = m.cumsum(dim=-1)
-    total = csum[..., -1:]
-    before = F.pad(csum[..., :-1], (1, 0))
+    total = csum[..., -1:].clone()
+    before = csum.sub_(m)  # exclusive prefix sums
+    del m, sorted_mass
     if start is not None:
-        start = start.double().unsqueeze(-1)
-        before = before + start
-        total = total + start
+        start = start.to(accumulate).unsqueeze(-1)
+        before += start
+        total += start
     keep_sorted = before < p * total
+    del before
     keep = torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
     return keep & candidates
 
@@ -117,16 +123,17 @@ class XAttnScorer(Scorer):
 
     Config = XAttnConfig
 
-    def block_scores(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        """Antidiagonal block scores ``A``: float32 [B, Hq, NQB, NKB], each row sums to 1 over its
-        visible blocks (0 elsewhere). Chunked over queries; see the module docstring."""
+    def _chunks(self, q: torch.Tensor, k: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+        """Yield ``(first query block, A rows)`` per query chunk: the antidiagonal block scores
+        float32 [B, Hq, rows, NKB_c] of the chunk's query blocks against the NKB_c key blocks
+        visible to it; each row sums to 1."""
         c = self.config
         b, hq, sq, d = q.shape
         hkv, sk = k.shape[1], k.shape[2]
         g = hq // hkv
         bs, st = c.block_size, c.stride
         gpb = bs // st  # groups per block
-        nqb, nkb = -(-sq // bs), -(-sk // bs)
+        nkb = -(-sk // bs)
         prefix = sk - sq
         dev = q.device
 
@@ -136,7 +143,6 @@ class XAttnScorer(Scorer):
         k_red = kk.reshape(b, hkv, nkb * gpb, st * d)
         scale = 1.0 / (math.sqrt(d) * st)
 
-        out = torch.zeros(b, hq, nqb, nkb, dtype=torch.float32, device=dev)
         for q0 in range(0, sq, c.chunk_size):
             q1 = min(q0 + c.chunk_size, sq)
             n = q1 - q0
@@ -151,6 +157,7 @@ class XAttnScorer(Scorer):
             ncols = nkb_c * gpb
             logits = torch.matmul(q_red, k_red[:, :, :ncols].transpose(-1, -2))
             logits = logits.view(b, hq, rows, ncols)
+            del q_red
 
             grow = q0 // st + torch.arange(rows, device=dev)  # global reduced row index
             row_last = prefix + torch.clamp((grow + 1) * st, max=sq) - 1  # last real query (abs)
@@ -168,24 +175,39 @@ class XAttnScorer(Scorer):
             blk = probs.view(b, hq, rows // gpb, gpb, nkb_c, gpb).sum(dim=(3, 5))
             del probs
             n_real = real.view(rows // gpb, gpb).sum(1, dtype=torch.float32)
-            i0 = q0 // bs
-            out[:, :, i0 : i0 + rows // gpb, :nkb_c] = blk / n_real[:, None]
+            yield q0 // bs, blk / n_real[:, None]
+
+    def block_scores(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """Antidiagonal block scores ``A``: float32 [B, Hq, NQB, NKB], each row sums to 1 over its
+        visible blocks (0 elsewhere). Chunked over queries; see the module docstring."""
+        b, hq, sq, _ = q.shape
+        bs = self.block_size
+        out = q.new_zeros((b, hq, -(-sq // bs), -(-k.shape[2] // bs)), dtype=torch.float32)
+        for i0, blk in self._chunks(q, k):
+            out[:, :, i0 : i0 + blk.shape[2], : blk.shape[3]] = blk
         return out
 
     def select(self, q: torch.Tensor, k: torch.Tensor) -> BlockSelection:
         c = self.config
-        sq, sk = q.shape[2], k.shape[2]
+        b, hq, sq, _ = q.shape
+        sk = k.shape[2]
         visible, partial = block_causal(sq, sk, c.block_size, q.device)
-        b, hq = q.shape[:2]
         if c.threshold >= 1.0:
             return self.finalize(visible.expand(b, hq, *visible.shape), sq, sk)
+        nkb = visible.shape[1]
         forced = torch.zeros_like(visible)
         if c.force_sink:
-            forced[:, 0] = True
+            forced = forced | (torch.arange(nkb, device=q.device) == 0)
         if c.force_diagonal:
-            forced |= partial
-        forced &= visible
-        scores = self.block_scores(q, k)
-        start = (scores * forced).sum(-1)
-        keep = cover(scores, c.threshold, visible & ~forced, start=start)
-        return self.finalize(keep | forced, sq, sk)
+            forced = forced | partial
+        forced = forced & visible
+        # select each chunk's rows as soon as they are scored: memory stays O(chunk)
+        parts = []
+        for i0, blk in self._chunks(q, k):
+            rows = blk.shape[2]
+            blk = F.pad(blk, (0, nkb - blk.shape[3]))
+            f = forced[i0 : i0 + rows]
+            start = torch.where(f, blk, 0.0).sum(-1)
+            cand = visible[i0 : i0 + rows] & ~f
+            parts.append(cover(blk, c.threshold, cand, start=start, accumulate=torch.float32) | f)
+        return self.finalize(torch.cat(parts, dim=2), sq, sk)
