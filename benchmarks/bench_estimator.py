@@ -1,10 +1,10 @@
 """Prism estimator benchmark: unfused PyTorch vs fused Triton vs mean-pool (GPU only).
 
-    python benchmarks/bench_estimator.py [--lengths 8192 16384 ...] [--sweep] [--out DIR]
+    python benchmarks/bench_estimator.py [--phase all|sweep|timing|precompile] [--lengths ...] [--out DIR]
 
 1. Checks: the fused selection (Triton, 2 launches) against the unfused ``PrismScorer`` at a few
    sizes, fp32 and bf16 (rows whose selection differs; list layout against ``bool_to_block_lists``).
-2. ``--sweep``: launch shapes of the select kernel at the smallest and largest length (time of the
+2. Sweep (phase ``sweep`` / ``all``): launch shapes of the select kernel at the smallest and largest length (time of the
    select launch alone, compiler registers / spills).
 3. Timing at each length (Hq=32, Hkv=8, D=128, bf16, batch 1, Sq = Sk): ``triton.testing.do_bench``
    medians of the unfused Prism scorer (bool mask), unfused + BlockMask lists, mean-pool, the fused
@@ -229,10 +229,64 @@ def to_md(rows, cols) -> str:
     return "\n".join(lines)
 
 
+def sweep_plan(lengths):
+    """(S, [(SelectConfig, debug)], [(pool rows, pool warps)]) of the launch sweep."""
+    sc = pf.SelectConfig
+    plans = []
+    lo, hi = min(lengths), max(lengths)
+    for s in sorted({lo, hi}):
+        base = pf.pick_select_config(4, math.ceil(s / 128))
+        variants = [(base, 0)]
+        pools = []
+        if s == hi:
+            variants += [
+                (sc(4, 4, min(32, base.num_warps * 2), dot_prec="tf32x3", tiers=3), 0),
+                (sc(4, 4, base.num_warps, dot_prec="ieee", tiers=3), 0),
+                (sc(4, 4, base.num_warps, dot_prec="tf32x3", tiers=1), 0),
+                (base, 1),
+                (base, 2),
+                (base, 3),
+            ]
+            pools = [(32, 4), (64, 8), (128, 8)]
+        else:
+            variants += [(sc(4, 4, max(1, base.num_warps // 2), dot_prec="tf32x3", tiers=3), 0)]
+        plans.append((s, variants, pools))
+    return plans
+
+
+def _compile_job(job):
+    """Run one launch once on random inputs of the benchmark's shape (fills Triton's disk cache)."""
+    s, launch, debug, pool = job
+    q = torch.randn(1, 32, s, 128, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, 8, s, 128, device="cuda", dtype=torch.bfloat16)
+    cfg = PrismConfig()
+    plan = pf._Plan(q, k, cfg)
+    pooled = pf.pool_blocks_fused(q, k, cfg, plan, *(pool or (None, 4)))
+    if launch is not None or pool is None:
+        pf.select_from_pooled(pooled, q, k, cfg, launch, plan, debug=debug)
+    torch.cuda.synchronize()
+    return s
+
+
+def precompile(lengths, workers=12):
+    """Compile every launch of the sweep and of the timing in parallel processes (CPU-bound)."""
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    jobs = [(s, None, 0, None) for s in lengths]
+    for s, variants, pools in sweep_plan(lengths):
+        jobs += [(s, v, d, None) for v, d in variants]
+        jobs += [(s, None, 0, p) for p in pools]
+    t0 = time.time()
+    with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as ex:
+        for r in ex.map(_compile_job, jobs):
+            print("compiled", r, f"{time.time() - t0:.0f}s", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--lengths", type=int, nargs="+", default=[8192, 16384, 32768, 65536, 131072])
-    ap.add_argument("--phase", choices=["all", "sweep", "timing"], default="all")
+    ap.add_argument("--phase", choices=["all", "sweep", "timing", "precompile"], default="all")
     ap.add_argument("--threshold", type=float, default=0.95)
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = ap.parse_args()
@@ -248,28 +302,14 @@ def main() -> None:
     )
     print(env, flush=True)
     cmd = "python " + " ".join([os.path.relpath(__file__)] + sys.argv[1:])
+    if args.phase == "precompile":
+        precompile(args.lengths)
+        return
 
     if args.phase in ("all", "sweep"):
         checks = check(cfg, [(4096, 0), (16384, 0), (3000, 257)], [torch.float32, torch.bfloat16])
-        sc = pf.SelectConfig
         sweeps = []
-        lo, hi = min(args.lengths), max(args.lengths)
-        for s in sorted({lo, hi}):
-            base = pf.pick_select_config(4, math.ceil(s / 128))
-            variants = [(base, 0)]
-            if s == hi:
-                variants += [
-                    (sc(4, 4, min(32, base.num_warps * 2), dot_prec="tf32x3", tiers=3), 0),
-                    (sc(4, 4, base.num_warps, dot_prec="ieee", tiers=3), 0),
-                    (sc(4, 4, base.num_warps, dot_prec="tf32x3", tiers=1), 0),
-                    (base, 1),
-                    (base, 2),
-                    (base, 3),
-                ]
-                pools = [(32, 4), (64, 8), (128, 8)]
-            else:
-                variants += [(sc(4, 4, max(1, base.num_warps // 2), dot_prec="tf32x3", tiers=3), 0)]
-                pools = []
+        for s, variants, pools in sweep_plan(args.lengths):
             sweeps += sweep(cfg, s, variants, pools)
         md = ["## Fused vs unfused selection (fp32 exact / bf16)", ""]
         md += [to_md(checks, list(checks[0].keys())), ""]
