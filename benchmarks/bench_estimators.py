@@ -181,6 +181,20 @@ def markdown(rows, lengths, names, dense_label, header):
             shown_name = dense_label if name == DENSE_ROW else name
             lines.append(f"| {shown_name} | " + " | ".join(cells) + " |")
         lines.append("")
+    lines += [
+        "### Estimation time / dense attention time (%)",
+        "",
+        f"| scorer | {cols} |",
+        f"|{sep}|",
+    ]
+    for name in names:
+        cells = []
+        for n in lengths:
+            r, dense = by.get((name, n)), by.get((DENSE_ROW, n))
+            ok = r and dense and dense["time_ms"] > 0
+            cells.append(fmt(100 * r["time_ms"] / dense["time_ms"], 1) if ok else "–")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines.append("")
     return "\n".join(lines)
 
 

@@ -28,8 +28,9 @@ Choices where the published method leaves freedom (documented, mirrored by the t
 * ``threshold >= 1`` keeps every visible block (dense).
 
 Cost ≈ 1/S of the QKᵀ FLOPs. The work is chunked over queries (``chunk_size`` tokens, a multiple of
-BS): a chunk only meets the key groups visible to it, and its memory is
-``B · Hq · (chunk/S) · (Sk/S)`` logits (input dtype) plus as many float32 probabilities — never S×S.
+BS): a chunk only meets the key groups visible to it, its rows are selected as soon as they are
+scored, and its memory is ``B · Hq · (chunk/S) · (Sk/S)`` logits (input dtype) plus as many
+float32 probabilities — never S×S, and nothing of size [B, Hq, NQB, NKB] but the output mask.
 Dot products run in the input dtype with fp32 accumulation; softmax and sums are float32. K is
 copied only when it is not contiguous or Sk is not a multiple of BS (zero padding).
 """
