@@ -61,6 +61,35 @@ CASES = {
     "single_query": (1, 4, 2, 1, 500, 64, "float32", {}),
     "top_k": (1, 4, 2, 1000, 1000, 64, "float32", {"rule": "top_k", "top_k": 3}),
     "min_prob": (1, 4, 2, 1000, 1000, 64, "float32", {"rule": "min_prob", "min_prob": 0.05}),
+    "threshold_0p9999": (1, 4, 2, 1000, 1000, 64, "float32", {"threshold": 0.9999}),
+    # explicit launch shapes with the causal tiers on (narrow register rows for early query tiles,
+    # identity tails of the lists): small blocks make NKB large enough for the tiers at <= 1K tokens
+    "tiers3_block16": (
+        1,
+        4,
+        2,
+        1000,
+        1000,
+        64,
+        "float32",
+        {"block_size": 16, "threshold": 0.9},
+    ),
+    "tiers3_block16_prefix": (1, 8, 2, 700, 1000, 64, "float16", {"block_size": 16}),
+    "tiers2_block32_prefix_topk": (
+        1,
+        4,
+        1,
+        500,
+        1000,
+        64,
+        "float32",
+        {"block_size": 32, "rule": "top_k", "top_k": 5},
+    ),
+}
+LAUNCH = {  # case -> SelectConfig kwargs (other cases use the default launch shape)
+    "tiers3_block16": dict(block_g=4, block_q=4, num_warps=4, tiers=3),
+    "tiers3_block16_prefix": dict(block_g=4, block_q=4, num_warps=2, tiers=3),
+    "tiers2_block32_prefix_topk": dict(block_g=1, block_q=16, num_warps=4, tiers=2),
 }
 
 
@@ -75,6 +104,7 @@ def _worker(names: list[str]) -> None:
 
     import prism
     from prism.kernels.estimation import (
+        SelectConfig,
         block_lists_to_block_mask,
         block_lists_to_selection,
         prism_select_block_lists,
@@ -93,7 +123,12 @@ def _worker(names: list[str]) -> None:
         res = {"case": name}
         try:
             scorer = prism.build_scorer("prism_fused", **params)
-            sel = scorer(q, k)
+            if name in LAUNCH:  # the API with an explicit launch shape, wrapped as the scorer does
+                lists = prism_select_block_lists(q, k, scorer.config, SelectConfig(**LAUNCH[name]))
+                sel = block_lists_to_selection(lists, sq, sk, scorer.config.block_size)
+                scorer.last_path = "fused"
+            else:
+                sel = scorer(q, k)
             ref = PrismScorer(**params)(q, k).mask
             bs = scorer.config.block_size
             visible, part = block_causal(sq, sk, bs)
@@ -128,7 +163,8 @@ def _worker(names: list[str]) -> None:
                 )
                 res["naive_equal"] = bool(torch.equal(sel.mask, nv))
             # the public API and the BlockMask helper
-            lists = prism_select_block_lists(q, k, scorer.config)
+            launch = SelectConfig(**LAUNCH[name]) if name in LAUNCH else None
+            lists = prism_select_block_lists(q, k, scorer.config, launch)
             res["api_equal"] = all(torch.equal(a, e) for a, e in zip(lists, sel.lists))
             bm = block_lists_to_block_mask(*lists, sq, sk, bs)
             p_bool, f_bool = block_mask_to_bool(bm)

@@ -333,6 +333,14 @@ def _band_keep(
             # never counted; the final set is clipped to ``vis``.
             hi = tl.max(prob.to(tl.int32, bitcast=True), 1) + 1  # F(hi) = 0 < target: valid
             lo = hi * 0 - 1  # below every value: F(lo) = total mass >= target
+            if RULE == 0:
+                # F(t) >= total - nvis * t, so t0 = (1 - p) / (2 nvis) is invalid too whenever
+                # (1 - p) / 2 dwarfs the fp32 rounding of the row sums: start there (saves the
+                # exponent-finding rounds). n_lo stays nvis, an overestimate: it can only delay
+                # the stop test, never fake it.
+                t0 = (1.0 - target) * 0.5 / tl.maximum(nvis, 1).to(tl.float32)
+                use_t0 = (nvis > 0) & ((1.0 - target) >= 2e-4)
+                lo = tl.where(use_t0, t0.to(tl.int32, bitcast=True), lo)
             n_hi = hi * 0  # count(prob > hi)
             n_lo = nvis  # count(prob > lo) among the visible blocks
             active = ((n_lo - n_hi) > 1) & ((hi - lo) > 1)
@@ -491,6 +499,14 @@ def _select_tile(
         tl.store(kv_idx_ptr + row_off[:, None] + pos_p, jj, mask=st_ok)
         tl.store(full_num_ptr + num_off, n_f, mask=row_ok)
         tl.store(kv_num_ptr + num_off, n_p, mask=row_ok)
+        # a narrow causal tier: entries [BLOCK_N, NKB) hold KV blocks invisible to every row of the
+        # tile (unselected, after all selected ones), i.e. the identity: idx[j] = j
+        for j0 in range(BLOCK_N, NKB, BLOCK_N):
+            jt = j0 + j
+            tail_ok = row_ok[:, None] & (jt < NKB)[None, :]
+            jt2 = jt[None, :] + r[:, None] * 0
+            tl.store(full_idx_ptr + row_off[:, None] + jt2, jt2, mask=tail_ok)
+            tl.store(kv_idx_ptr + row_off[:, None] + jt2, jt2, mask=tail_ok)
 
 
 @triton.jit
@@ -678,17 +694,21 @@ def _next_pow2(n: int) -> int:
 def pick_select_config(
     g: int, nkb: int, device_type: str = "cuda", rows: int = 16, elems_per_thread: int = 16
 ) -> SelectConfig:
-    """Default launch shape: 16 rows (the GQA group first), about ``elems_per_thread`` fp32 per
-    thread of one [rows, BLOCK_N] register tile (2 to 16 warps), causal tiers on, and on CUDA the
-    pooled dot products in ``tf32x3`` (three TF32 tensor-core products: fp32-level accuracy; plain
-    ``ieee`` fp32 runs as FMA loops that spill at BLOCK_N = 1024 and cost ~1 ms more at 128K)."""
+    """Default launch shape (tuned on an H200, see benchmarks/results/estimator_h200*.md): 16 rows
+    (the GQA group first) and about ``elems_per_thread`` fp32 of one [rows, BLOCK_N] register tile
+    per thread (2 to 16 warps). For BLOCK_N >= 128 (>= 16K tokens at BS=128) the causal tiers are
+    on and, on CUDA, the pooled dot products run as ``tf32x3`` (three TF32 tensor-core products,
+    fp32-level accuracy; plain ``ieee`` fp32 runs as FMA loops that spill at BLOCK_N = 1024 and cost
+    0.8 ms more at 128K). Short rows keep exact ``ieee`` fp32 and one tier (faster there)."""
     block_n = max(16, _next_pow2(nkb))
     block_g = min(_next_pow2(g), rows)
     block_q = max(1, rows // block_g)
     warps = rows * block_n // (32 * elems_per_thread)
     warps = max(2, min(16, _next_pow2(max(1, warps))))
-    prec = "tf32x3" if device_type == "cuda" else "ieee"
-    return SelectConfig(block_g, block_q, warps, dot_prec=prec, tiers=3)
+    if block_n >= 128:
+        prec = "tf32x3" if device_type == "cuda" else "ieee"
+        return SelectConfig(block_g, block_q, warps, dot_prec=prec, tiers=3)
+    return SelectConfig(block_g, block_q, warps, dot_prec="ieee", tiers=1)
 
 
 def _band_widths(config, d: int) -> tuple[int, int]:
