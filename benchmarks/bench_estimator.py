@@ -248,7 +248,7 @@ def sweep_plan(lengths):
                 (base, 2),
                 (base, 3),
             ]
-            pools = [(32, 4), (64, 4)]
+            pools = [(64, 4), (32, 4)]
         else:
             variants += [(sc(4, 4, base.num_warps, dot_prec="tf32x3", tiers=3), 0)]
         plans.append((s, variants, pools))
