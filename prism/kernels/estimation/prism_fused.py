@@ -2,18 +2,22 @@
 
 Two launches (DESIGN.md §4 step by step, with the same numbers as ``PrismScorer``):
 
-1. ``_pool_kernel`` — one program per 128-token block of Q *and* of K (one grid for both): the
-   fp32 block mean (zero padding included, as ``pool_blocks``), written as ``qbar [B, Hq, NQB, D]``
-   and transposed ``kbarT [B, Hkv, D, NKB]``, plus three per-block sums of squares of the mean
-   (all dims, high band, low band) for the energy calibration.
-2. ``_select_kernel`` — one program per tile of ``R = BLOCK_G x BLOCK_Q`` rows: ``BLOCK_G`` query
-   heads of one KV group (GQA: K is read once for the group) times ``BLOCK_Q`` query blocks, each
-   row holding ALL its KV blocks (``BLOCK_N = next_pow2(NKB)``) in registers. Per program:
-   the calibration temperatures from the per-block sums (a reduction over NQB / NKB numbers, no
-   extra launch); per band the pooled logits with ``tl.dot`` (fp32, ``input_precision="ieee"``);
-   the block-causal fp32 softmax; the top-p set by a threshold search (below); then the union of
-   the bands, the forced sink / partial (diagonal) blocks, the causal clip, and the two block lists
-   written straight into the BlockMask tensors.
+1. ``_pool_kernel`` — one program per block of Q *and* of K (one grid for both): the fp32 block
+   mean (zero padding included, as ``pool_blocks``), written as ``qbar [B, Hq, NQB, D]`` and
+   transposed ``kbarT [B, Hkv, D, NKB_P]`` (rows padded to a power of two), plus three per-block
+   sums of squares of the mean (all dims, high band, low band) for the energy calibration.
+2. ``_select_kernel`` — one program per tile of ``R = BLOCK_G x BLOCK_Q`` rows (16): ``BLOCK_G``
+   query heads of one KV group (GQA: K̄ is read once for the group) times ``BLOCK_Q`` query
+   blocks, each row holding ALL its KV blocks in registers. Per program: the calibration
+   temperatures from the per-block sums (no extra launch); per band the pooled logits with
+   ``tl.dot`` (``ieee`` fp32, or ``tf32x3`` = three TF32 tensor-core products, fp32-level accuracy,
+   the CUDA default from 16K tokens); the block-causal fp32 softmax; the top-p set by a threshold
+   search (below); the union of the bands, the forced sink / partial (diagonal) blocks, the causal
+   clip; and the two block lists written straight into the BlockMask tensors (one prefix scan
+   gives the positions in both lists).
+   *Causal tiers*: the register row width is a compile-time constant, so a tile whose rows see
+   at most a quarter (half) of ``BLOCK_N = next_pow2(NKB)`` KV blocks runs a copy of the body
+   compiled for that narrower width (one launch, three code paths): 0.69 of the full-width work.
 
 Nothing of size ``[B, Hq, NQB, NKB]`` other than the returned lists is ever allocated: the
 probabilities live in registers only. Temporaries: ``qbar`` + ``kbarT`` (fp32, 20 MB at 128K with
@@ -24,27 +28,32 @@ strictly before it in descending order is ``< p``). Let ``F(t)`` = mass of the r
 probability ``> t``. A block of probability ``v`` is kept iff ``F(v) < p``. ``F`` is
 non-increasing, so the kept set is ``{prob >= t*}`` with ``t* = min{t : F(t) < p}``. Probabilities
 are non-negative floats, whose bit patterns (int32) order like the values, so ``t*`` is found by
-bisection on the integer bit pattern: the invariant is ``F(lo) >= p`` (``lo`` starts at -1, below
-every value) and ``F(hi) < p`` (``hi`` starts one bit above the row max: ``F = 0``). The search
-stops when ``hi = lo + 1`` or when at most one probability lies in ``(lo, hi]`` (that value ``v``
-has ``F(v) = F(hi) < p``: it is kept); the kept set is then ``{prob > lo}``. Typically 10-20 rounds
-of "masked sum over the row" instead of a sort + cumsum.
+bisection on the integer bit pattern: the invariant is ``F(lo) >= p`` and ``F(hi) < p`` (``hi``
+starts one bit above the row max, where ``F = 0``; ``lo`` starts at -1, below every value, or for
+top-p at ``(1 - p) / (2 nvis)``, which is provably invalid too since ``F(t) >= 1 - nvis t``). The
+search stops when ``hi = lo + 1`` or when at most one probability lies in ``(lo, hi]`` (that value
+``v`` has ``F(v) = F(hi) < p``: it is kept); the kept set is then ``{prob > lo}``. Each round is one
+fused (count, mass) row reduction; 5-20 rounds per row instead of a sort + cumsum.
 
 Ties: blocks with *equal* probability are kept or dropped together (a tie at the boundary keeps
 every tied block, a superset of the sort-based set by the tied blocks only; the sort's order among
 equal values is unspecified anyway). ``rule="top_k"`` uses the same search on counts (``count(prob
 > t) < k``; ties at the k-th value are all kept), ``rule="min_prob"`` is a plain comparison.
-Rounding: sums are taken in a different order than ``torch.cumsum`` over the sorted row, so a block
-whose "mass before" is within a few fp32 ulps of ``p`` may be decided differently (never seen on
-random inputs; exact ties of probabilities are the only systematic difference).
+Rounding: sums are taken in a different order than ``torch.cumsum`` over the sorted row (and
+``tf32x3`` products round differently from fp32 FMAs), so a block whose "mass before" is within
+rounding of ``p`` may be decided differently. On the H200: 0 of 5,824 (b, head, query-block) rows
+differed in the fp32 and bf16 checks up to 16K tokens; 3 of 16,384 rows at 64K and 3 of 32,768 at
+128K (bf16; the same counts with exact ``ieee`` dots, so these are summation-order effects).
 
 List format (as ``prism.masks.bool_to_block_lists``): per (b, h, query block) ``num`` int32 and an
 int32 row of NKB entries, the selected KV block indices first in ascending order, then the
-unselected ones ascending (every entry a valid index). ``kv_*`` hold the selected partial
-(causal-frontier) blocks, ``full_kv_*`` the other selected blocks.
+unselected ones ascending (every entry written, every entry a valid index). ``kv_*`` hold the
+selected partial (causal-frontier) blocks, ``full_kv_*`` the other selected blocks.
 
 Runs on CUDA and, under ``TRITON_INTERPRET=1`` (set before Triton is first imported), on CPU
-tensors. Written for the Triton 3.2-3.9 language surface.
+tensors. Written for the Triton 3.2-3.9 language surface (checked on 3.6 on the GPU, 3.9 in the
+interpreter). ``select_from_pooled(..., debug=1|2|3)`` are timing-only variants (no threshold
+search / no list writing / logits only) used by ``benchmarks/bench_estimator.py``.
 """
 
 from __future__ import annotations
