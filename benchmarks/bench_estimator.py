@@ -100,7 +100,7 @@ def check(cfg, lengths, dtypes, seed=1, device="cuda"):
         for dt in dtypes:
             q, k = synth_qk(2, 8, 2, s, 128, seed, dt, device=device)
             q = q[:, :, pre:]  # a cached prefix of `pre` tokens
-            ref = PrismScorer(cfg)(q, k).mask
+            ref = PrismScorer(cfg).select_torch(q, k).mask
             lists = pf.prism_select_block_lists(q, k, cfg)
             got = fused_mask(lists, q.shape[2], s, cfg.block_size)
             diff_rows = int((got != ref).any(-1).sum())
@@ -172,7 +172,7 @@ def sweep(cfg, s, variants, pool_variants=()):
 
 def time_one(cfg, s):
     q, k = synth_qk(1, 32, 8, s, 128, 0, torch.bfloat16)
-    unf = PrismScorer(cfg)
+    unf = PrismScorer(cfg).select_torch
     mp = MeanPoolScorer(block_size=cfg.block_size, threshold=cfg.threshold)
     plan = pf._Plan(q, k, cfg)
     pooled = pf.pool_blocks_fused(q, k, cfg, plan)

@@ -43,7 +43,7 @@ CASES = [  # (B, Hq, Hkv, Sq, Sk, D, params)
 def test_fused_equals_unfused_fp32(case):
     b, hq, hkv, sq, sk, d, params = case
     q, k, _ = _qk(b, hq, hkv, sq, sk, d, torch.float32)
-    ref = PrismScorer(**params)(q, k).mask
+    ref = PrismScorer(**params, fused=False)(q, k).mask
     sc = prism.build_scorer("prism_fused", **params)
     sel = sc(q, k)
     assert sc.last_path == "fused"
@@ -55,7 +55,7 @@ def test_fused_equals_unfused_fp32(case):
 @pytest.mark.parametrize("sq,sk", [(16384, 16384), (6000, 20000)])
 def test_fused_bf16_up_to_rounding(sq, sk):
     q, k, _ = _qk(1, 16, 4, sq, sk, 128, torch.bfloat16, seed=3)
-    ref = PrismScorer()(q, k).mask
+    ref = PrismScorer(fused=False)(q, k).mask
     got = prism.build_scorer("prism_fused")(q, k).mask
     diff_rows = int((got != ref).any(-1).sum())
     # same fp32 math after pooling; only sums in a different order -> boundary rounding only
@@ -65,7 +65,7 @@ def test_fused_bf16_up_to_rounding(sq, sk):
 def test_fused_lists_drive_triton_backend():
     q, k, v = _qk(1, 8, 2, 4096, 4096, 128, torch.bfloat16, seed=5)
     sel_f = prism.build_scorer("prism_fused")(q, k)
-    sel_u = PrismScorer()(q, k)
+    sel_u = PrismScorer(fused=False)(q, k)
     assert torch.equal(sel_f.mask, sel_u.mask)
     fn = prism.get_backend("triton")
     out_f = fn(q, k, v, sel_f.block_mask(), scale=None)

@@ -31,6 +31,8 @@ class PrismConfig(ProbScorerConfig):
     threshold_high / threshold_low: per-band top-p overrides of ``threshold``.
     calibrate: energy calibration (per (b, h) temperature); off means τ = 1.
     rope_layout: "half" (HF rotate_half: pair j = dims j, j + D/2) or "interleaved" (2j, 2j + 1).
+    fused: on CUDA (outside torch.compile), run the fused Triton estimator
+        (prism/kernels/estimation), which writes the BlockMask lists directly; same selection.
     """
 
     high_dims: int | None = None
@@ -39,6 +41,7 @@ class PrismConfig(ProbScorerConfig):
     threshold_low: float | None = None
     calibrate: bool = True
     rope_layout: str = "half"
+    fused: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -106,6 +109,16 @@ class PrismScorer(Scorer):
             yield masked_softmax(logits, visible)
 
     def select(self, q: torch.Tensor, k: torch.Tensor) -> BlockSelection:
+        if q.is_cuda and self.config.fused and not torch.compiler.is_compiling():
+            from .prism_fused import fused_selection  # lazy: imports Triton
+
+            sel = fused_selection(self, q, k)
+            if sel is not None:
+                return sel
+        return self.select_torch(q, k)
+
+    def select_torch(self, q: torch.Tensor, k: torch.Tensor) -> BlockSelection:
+        """The plain PyTorch path (the definition the fused kernel is tested against)."""
         c = self.config
         sq, sk = q.shape[2], k.shape[2]
         visible, _ = block_causal(sq, sk, c.block_size, q.device)

@@ -141,21 +141,22 @@ class PrismFusedScorer(PrismScorer):
 
     last_path: str | None = None
 
-    def use_fused(self, q: torch.Tensor, k: torch.Tensor) -> bool:
-        if not (q.is_cuda or (q.device.type == "cpu" and _interpreter_on())):
-            return False
-        try:
-            from ..kernels.estimation import prism_fused as fused
-        except ImportError:  # Triton not installed
-            return False
-        return fused.supports(q, k, self.config)
-
     def select(self, q: torch.Tensor, k: torch.Tensor) -> BlockSelection:
-        if not self.use_fused(q, k):
-            self.last_path = "torch"
-            return super().select(q, k)
-        from ..kernels.estimation.prism_fused import prism_select_block_lists
+        sel = None
+        if q.is_cuda or (q.device.type == "cpu" and _interpreter_on()):
+            sel = fused_selection(self, q, k)
+        self.last_path = "torch" if sel is None else "fused"
+        return self.select_torch(q, k) if sel is None else sel
 
-        self.last_path = "fused"
-        lists = prism_select_block_lists(q, k, self.config)
-        return ListBlockSelection(lists, q.shape[2], k.shape[2], self.config.block_size)
+
+def fused_selection(scorer: PrismScorer, q: torch.Tensor, k: torch.Tensor) -> BlockSelection | None:
+    """The fused kernel's selection for ``scorer.config``, or None where it does not apply
+    (Triton missing, unsupported input / config)."""
+    try:
+        from ..kernels.estimation import prism_fused as fused
+    except ImportError:  # Triton not installed
+        return None
+    if not fused.supports(q, k, scorer.config):
+        return None
+    lists = fused.prism_select_block_lists(q, k, scorer.config)
+    return ListBlockSelection(lists, q.shape[2], k.shape[2], scorer.config.block_size)
