@@ -42,6 +42,20 @@ def selection_to_block_mask(mask: torch.Tensor, sq: int, sk: int, block_size: in
     sel = mask & visible
     kv_num, kv_idx = bool_to_block_lists(sel & partial)
     full_num, full_idx = bool_to_block_lists(sel & ~partial)
+    return lists_to_block_mask(kv_num, kv_idx, full_num, full_idx, sq, sk, block_size)
+
+
+def lists_to_block_mask(
+    kv_num: torch.Tensor,
+    kv_idx: torch.Tensor,
+    full_num: torch.Tensor,
+    full_idx: torch.Tensor,
+    sq: int,
+    sk: int,
+    block_size: int,
+) -> BlockMask:
+    """BlockMask from block lists: partial blocks (``kv_*``, causal ``mask_mod`` with the
+    cached-prefix offset) and full blocks (``full_kv_*``); int32 [B, H, NQB] / [B, H, NQB, W]."""
     return BlockMask.from_kv_blocks(
         kv_num,
         kv_idx,

@@ -50,6 +50,10 @@ class BlockSelection:
     # -- conversion ---------------------------------------------------------------------------
     def block_mask(self, q_len: int | None = None, kv_len: int | None = None):
         """The FlexAttention ``BlockMask`` (H = Hq): partial diagonal blocks + full blocks."""
+        self._check_lengths(q_len, kv_len)
+        return selection_to_block_mask(self.mask, self.q_len, self.kv_len, self.block_size)
+
+    def _check_lengths(self, q_len: int | None, kv_len: int | None) -> None:
         q_len = self.q_len if q_len is None else q_len
         kv_len = self.kv_len if kv_len is None else kv_len
         if (q_len, kv_len) != (self.q_len, self.kv_len):
@@ -57,7 +61,6 @@ class BlockSelection:
                 f"selection was made for (Sq, Sk) = ({self.q_len}, {self.kv_len}), "
                 f"asked for ({q_len}, {kv_len})"
             )
-        return selection_to_block_mask(self.mask, q_len, kv_len, self.block_size)
 
     # -- combinators --------------------------------------------------------------------------
     def _check_compatible(self, other: BlockSelection) -> None:

@@ -96,24 +96,12 @@ class ListBlockSelection(BlockSelection):
 
     # -- conversion --------------------------------------------------------------------------------
     def block_mask(self, q_len: int | None = None, kv_len: int | None = None):
-        q_len = self.q_len if q_len is None else q_len
-        kv_len = self.kv_len if kv_len is None else kv_len
-        if (q_len, kv_len) != (self.q_len, self.kv_len):
-            raise ValueError(
-                f"selection was made for (Sq, Sk) = ({self.q_len}, {self.kv_len}), "
-                f"asked for ({q_len}, {kv_len})"
-            )
+        self._check_lengths(q_len, kv_len)
         if self._block_mask is None:
-            from torch.nn.attention.flex_attention import BlockMask
+            from ..masks.blockmask import lists_to_block_mask
 
-            from ..masks.blockmask import causal_mask_mod
-
-            self._block_mask = BlockMask.from_kv_blocks(
-                *self.lists,
-                BLOCK_SIZE=self.block_size,
-                mask_mod=causal_mask_mod(self.kv_len - self.q_len),
-                seq_lengths=(self.q_len, self.kv_len),
-                compute_q_blocks=False,
+            self._block_mask = lists_to_block_mask(
+                *self.lists, self.q_len, self.kv_len, self.block_size
             )
         return self._block_mask
 

@@ -953,20 +953,9 @@ def block_lists_to_block_mask(
 ):
     """FlexAttention ``BlockMask`` (partial blocks with the causal ``mask_mod``, full blocks
     without) from the four lists, exactly as ``prism.masks.selection_to_block_mask`` builds it."""
-    from torch.nn.attention.flex_attention import BlockMask
+    from ...masks.blockmask import lists_to_block_mask
 
-    from ...masks.blockmask import causal_mask_mod
-
-    return BlockMask.from_kv_blocks(
-        kv_num,
-        kv_idx,
-        full_num,
-        full_idx,
-        BLOCK_SIZE=block_size,
-        mask_mod=causal_mask_mod(sk - sq),
-        seq_lengths=(sq, sk),
-        compute_q_blocks=False,
-    )
+    return lists_to_block_mask(kv_num, kv_idx, full_num, full_idx, sq, sk, block_size)
 
 
 def block_lists_to_selection(lists, sq: int, sk: int, block_size: int, **info):
