@@ -35,3 +35,27 @@ __all__ = [
     "register_scorer",
     "sparse_attention",
 ]
+
+
+# Hugging Face integration and the embedded model, imported on first use (transformers is optional).
+_LAZY_EXPORTS = {
+    "patch_model": "prism.integrations.hf",
+    "unpatch_model": "prism.integrations.hf",
+    "patched": "prism.integrations.hf",
+    "collect_stats": "prism.integrations.hf",
+    "prism_attention_forward": "prism.integrations.hf",
+    "PrismPolicy": "prism.integrations.hf",
+    "PrismStats": "prism.integrations.hf",
+    "load_default_model": "prism.models",
+}
+
+
+def __getattr__(name):
+    module = _LAZY_EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'prism' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

@@ -1,0 +1,2 @@
+"""Framework integrations. ``prism.integrations.hf``: Hugging Face transformers (imported lazily,
+transformers is optional)."""

@@ -1,0 +1,1 @@
+"""Utilities. ``prism.utils.patch``: the published repository's ``apply_patch`` usage."""
