@@ -116,7 +116,7 @@ class OutputConfig:
     resume: bool = True
     plots: bool = True
     csv: bool = True
-    speedup_csv: str | None = "benchmarks/results/kernels_h200.csv"
+    speedup_csv: str | None = "benchmarks/results/e2e_h200.csv"
 
 
 @dataclass

@@ -5,11 +5,20 @@
 * ``<name>_density_heatmap.png`` — density per (layer, head) for each scorer family at its
   default setting (the sweep point closest to the scorer's default knob), longest length.
 * ``<name>_dppl_speedup.png`` — ΔPPL vs attention speed-up. The speed-up is read from a GPU
-  benchmark CSV: either rows ``scorer/name, length, speedup`` (looked up directly) or the kernel
-  benchmark's rows ``S, kernel, density, ms`` (``benchmarks/bench_kernels.py``), from which the
-  speed-up at the record's density is modelled as ``dense cuDNN time / (sparse kernel time at
-  that density, interpolated + the scorer's estimator time when an estimators_*.csv beside it
-  has it)``. Lengths must match; otherwise the plot is skipped with a note.
+  benchmark CSV, one of three formats:
+
+  - rows ``scorer/name, length, speedup``: looked up directly;
+  - the end-to-end benchmark's rows ``S, scorer, density, est_ms, kernel_ms, dense_cudnn_ms``
+    (``e2e_h200.csv``): modelled at the record's density as ``dense / (the scorer's estimator
+    time + the best sparse-kernel time per unit density × density)`` (kernel time scales about
+    linearly with density; estimator times of scorers the file lacks come from an
+    ``estimators_*.csv`` beside it);
+  - the kernel benchmark's rows ``S, kernel, density, ms`` (``kernels_h200.csv``): the sparse
+    kernel time interpolated at the density, plus the estimator time when known.
+
+  The GPU shapes differ from the evaluated model's, so these are attention speed-ups *modelled*
+  for the measured densities, at lengths the benchmark covers; other lengths are left out, and
+  without a usable file the plot is skipped with a note.
 """
 
 from __future__ import annotations
@@ -32,15 +41,21 @@ def _plt():
     return plt
 
 
-def _default_knob(name: str) -> tuple[str, float] | None:
+def _distance_to_default(name: str, params: Mapping[str, Any]) -> float:
+    """How far a variant's density knobs are from the scorer's defaults (relative, summed)."""
     from ..scorers import SCORERS
+    from .runner import SWEEP_KNOBS
 
     if name not in SCORERS:
-        return None
+        return 0.0
     cfg = SCORERS[name].Config()
-    if name == "minference":
-        return "vertical", float(cfg.vertical)
-    return "threshold", float(cfg.threshold)
+    dist = 0.0
+    for knob in SWEEP_KNOBS:
+        default = getattr(cfg, knob, None)
+        val = params.get(knob, default)
+        if isinstance(default, (int, float)) and isinstance(val, (int, float)):
+            dist += abs(float(val) - float(default)) / max(abs(float(default)), 1e-9)
+    return dist
 
 
 def pareto_plot(records: Sequence[Mapping[str, Any]], path: str | Path) -> Path | None:
@@ -91,11 +106,7 @@ def heatmap_plot(records: Sequence[Mapping[str, Any]], path: str | Path) -> Path
     for r in rec:
         if r["length"] != length:
             continue
-        knob = _default_knob(r["scorer_name"])
-        dist = 0.0
-        if knob is not None:
-            val = r["params"].get(knob[0], knob[1])
-            dist = abs(float(val) - knob[1]) if isinstance(val, (int, float)) else 0.0
+        dist = _distance_to_default(r["scorer_name"], r["params"])
         fam = r["family"]
         if fam not in chosen or dist < chosen[fam][0]:
             chosen[fam] = (dist, r)
@@ -109,10 +120,13 @@ def heatmap_plot(records: Sequence[Mapping[str, Any]], path: str | Path) -> Path
         im = ax.imshow(mat, aspect="auto", vmin=0.0, vmax=1.0, cmap="viridis")
         ax.set_title(f"{r['scorer']}\nmean {r['result']['density']:.3f}", fontsize=8)
         ax.set_xlabel("query head")
+        ax.set_xticks(range(len(mat[0])))
+        ax.tick_params(axis="x", labelsize=6)
         layers = r["result"]["layers"]
         ax.set_yticks(range(len(layers)))
         ax.set_yticklabels(layers, fontsize=6)
-        ax.set_ylabel("layer")
+        if ax is axes[0][0]:
+            ax.set_ylabel("layer")
     if im is not None:
         fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="density")
     fig.suptitle(f"density per layer and head, {length} tokens", fontsize=10)
@@ -146,7 +160,24 @@ class SpeedupTable:
         self.direct: dict[tuple[str, int], float] = {}
         self.kernel: dict[int, dict[str, list[tuple[float, float]]]] = {}
         self.estimator: dict[tuple[str, int], float] = {}
-        if {"speedup", "length"} <= cols and ({"scorer"} & cols or {"name"} & cols):
+        self.e2e: dict[int, dict[str, float]] = {}
+        if {"S", "scorer", "density", "est_ms", "kernel_ms", "dense_cudnn_ms"} <= cols:
+            for r in rows:
+                s, name = int(float(r["S"])), r["scorer"]
+                d, est, kern = float(r["density"]), float(r["est_ms"]), float(r["kernel_ms"])
+                if not (math.isfinite(kern) and d > 0):
+                    continue
+                e = self.e2e.setdefault(
+                    s, {"dense": float(r["dense_cudnn_ms"]), "per_density": math.inf}
+                )
+                e["per_density"] = min(
+                    e["per_density"], kern / d
+                )  # best backend, ms per unit density
+                if math.isfinite(est):
+                    old = self.estimator.get((name, s), math.inf)
+                    self.estimator[(name, s)] = min(old, est)
+            self._read_estimators()
+        elif {"speedup", "length"} <= cols and ({"scorer"} & cols or {"name"} & cols):
             for r in rows:
                 name = r.get("scorer") or r.get("name")
                 self.direct[(name, int(float(r["length"])))] = float(r["speedup"])
@@ -155,20 +186,30 @@ class SpeedupTable:
                 self.kernel.setdefault(int(float(r["S"])), {}).setdefault(r["kernel"], []).append(
                     (float(r["density"]), float(r["ms"]))
                 )
-            for est in sorted(self.path.parent.glob("estimators_*.csv")):
-                for r in _read_csv(est):
-                    try:
-                        t = float(r["time_ms"])
-                    except (KeyError, ValueError):
-                        continue
-                    if math.isfinite(t):
-                        self.estimator[(r["name"], int(float(r["length"])))] = t
+            self._read_estimators()
         else:
             raise ValueError(f"{path}: unrecognised speed-up CSV columns {sorted(cols)}")
+
+    def _read_estimators(self) -> None:
+        """Estimator times (``length, name, time_ms``) from estimators_*.csv beside the file."""
+        for est in sorted(self.path.parent.glob("estimators_*.csv")):
+            for r in _read_csv(est):
+                try:
+                    key, t = (r["name"], int(float(r["length"]))), float(r["time_ms"])
+                except (KeyError, ValueError):
+                    continue
+                if math.isfinite(t) and key not in self.estimator:
+                    self.estimator[key] = t
 
     def speedup(self, scorer: str, length: int, density: float | None) -> float | None:
         if self.direct:
             return self.direct.get((scorer, length))
+        if self.e2e:
+            e = self.e2e.get(length)
+            est = self.estimator.get((scorer, length))
+            if e is None or density is None or est is None:
+                return None
+            return e["dense"] / (est + e["per_density"] * density)
         kern = self.kernel.get(length)
         if not kern or density is None:
             return None
@@ -213,7 +254,10 @@ def dppl_speedup_plot(
     for i, (s, d, label) in enumerate(pts):
         ax.scatter([s], [d], marker=_MARKERS[i % len(_MARKERS)], label=label)
     ax.axhline(0.0, color="grey", lw=0.8)
-    ax.set_xlabel(f"attention speed-up vs dense (from {Path(speedup_csv).name})")
+    ax.axvline(1.0, color="grey", lw=0.8, ls=":")
+    ax.set_xlabel(
+        f"attention speed-up vs dense, modelled at the measured density\n(GPU timings: {Path(speedup_csv).name})"
+    )
     ax.set_ylabel("ΔPPL vs dense (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)

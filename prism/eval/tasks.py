@@ -271,15 +271,28 @@ def _cwe(rng: random.Random, fit, n_common: int = 10, f_common: int = 30, f_rare
     question = f"Question: What are the {n_common} most common words in the above list?"
     prefix = f"Answer: The top {n_common} words that appear most often in the list are:"
 
-    def build(n_rare: int) -> str:
-        r = random.Random(seed)
-        words = common * f_common + rare_pool[:n_rare] * f_rare
-        r.shuffle(words)
-        listing = " ".join(f"{i + 1}. {w}" for i, w in enumerate(words))
-        return f"{intro}{listing}\n{question} {prefix}"
+    def builder(freq: int):
+        def build(n_rare: int) -> str:
+            r = random.Random(seed)
+            words = common * freq + rare_pool[:n_rare] * f_rare
+            r.shuffle(words)
+            listing = " ".join(f"{i + 1}. {w}" for i, w in enumerate(words))
+            return f"{intro}{listing}\n{question} {prefix}"
 
-    prompt, n = fit(build, len(rare_pool))
-    return prompt, list(common), {"rare_words": n}
+        return build
+
+    # short contexts cannot hold 10 x 30 repetitions: lower the common words' frequency (as RULER
+    # does for small lengths), keeping them well above the rare words' frequency
+    for freq in sorted({f_common, 20, 10, 6}, reverse=True):
+        if freq > f_common or freq <= f_rare:
+            continue
+        try:
+            prompt, n = fit(builder(freq), len(rare_pool))
+        except ValueError:
+            continue
+        if n >= n_common:
+            return prompt, list(common), {"rare_words": n, "common_freq": freq}
+    raise ValueError("length too short for the common-word-extraction task")
 
 
 # max_new_tokens: generation budget; stop_at_newline: the answer is one line (generation stops at
