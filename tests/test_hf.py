@@ -266,6 +266,32 @@ def test_unpadded_attention_mask_stays_sparse():
     assert st.layers[0].sparse_calls == 1
 
 
+def test_sliding_window_mask_runs_sparse_exactly():
+    """A binding sliding window (Mistral, window 128 < 320 tokens) reaches Prism as an explicit
+    mask of one key span per row: it runs sparse (flex, span mask_mod) and stays exact."""
+    model = tiny_model("mistral", sliding_window=128)
+    ids = ids_of(320)
+    ref = logits(model, ids)
+    prism.patch_model(model, threshold=1.0, block_size=BS)
+    with prism.collect_stats(model) as st:
+        out = logits(model, ids)
+    assert st.layers[0].sparse_calls == 1
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+
+
+def test_packed_sequences_run_sparse_exactly():
+    model = tiny_model("llama")
+    ids = ids_of(320)
+    pos = torch.cat([torch.arange(200), torch.arange(120)])[None]  # two documents, one row
+    ref = logits(model, ids, position_ids=pos)
+    assert rel_err(ref, logits(model, ids)) > 1e-3  # packing changes the result
+    prism.patch_model(model, threshold=1.0, block_size=BS)
+    with prism.collect_stats(model) as st:
+        out = logits(model, ids, position_ids=pos)
+    assert st.layers[0].sparse_calls == 1
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+
+
 # ------------------------------------------------------------------------------------------
 # policy: per-layer control, configs, re-patching, undo
 # ------------------------------------------------------------------------------------------

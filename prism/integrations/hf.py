@@ -35,9 +35,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.nn.attention.flex_attention import BlockMask
 
 from ..kernels import get_backend
-from ..masks import BlockSelection
+from ..masks import BlockSelection, block_causal, bool_to_block_lists
 from ..scorers import Scorer, build_scorer
 
 try:  # transformers is an optional dependency (pip install "prism-sparse[hf]")
@@ -356,8 +357,10 @@ class PrismStats:
             st.calls += 1
             st.sparse_calls += 1
         visible, _ = sel.causal()
-        st.selected_blocks += int((sel.mask & visible).sum())
-        st.causal_blocks += int(visible.sum()) * sel.mask.shape[0] * sel.mask.shape[1]
+        n_vis = int(visible.sum())
+        per_head = sel.density_per_head()  # [B, Hq]; never expands a list-form selection
+        st.selected_blocks += round(float(per_head.sum()) * n_vis)
+        st.causal_blocks += n_vis * per_head.numel()
         if self.wants_recall(idx):
             if self.defer_recall:
                 self._pending.append((st, sel, q.detach().clone(), k.detach().clone(), scale))
@@ -567,6 +570,128 @@ def _padded_rows(module, policy, scorer, layer, q, k, v, mask, padding, dropout,
     return out.transpose(1, 2).contiguous()
 
 
+def _plain_causal(mask: torch.Tensor, sq: int, sk: int) -> torch.Tensor:
+    """0-dim bool tensor: is this explicit mask just causal attention with the cached-prefix
+    offset (every row of the batch, no padding, no window)? Boolean or additive masks."""
+    allowed = mask if mask.dtype == torch.bool else mask == 0
+    qpos = torch.arange(sq, device=mask.device) + (sk - sq)
+    expected = qpos[:, None] >= torch.arange(sk, device=mask.device)[None, :]
+    ok = (allowed == expected).all()
+    if mask.dtype != torch.bool:
+        ok = ok & ((mask == 0) | (mask <= torch.finfo(mask.dtype).min / 2)).all()
+    return ok
+
+
+def _mask_spans(mask: torch.Tensor, sq: int, sk: int):
+    """Describe each query row of a 4D mask [B, 1, Sq, Sk] as one span of keys.
+
+    Returns (start, count, ok): int [B, Sq] (row q allows keys start <= kv < start + count) and a
+    0-dim bool tensor, True iff every row really is one span inside the causal frontier (true
+    for causal masks with left/right padding, packed sequences and sliding windows). Both are
+    reductions: FlexAttention's Inductor lowering takes them as mask_mod buffers.
+    """
+    allowed = (mask if mask.dtype == torch.bool else mask == 0)[:, 0]
+    as_int = allowed.to(torch.int32)
+    start = (as_int.cumsum(-1) == 0).sum(-1)  # leading masked keys = first allowed key
+    count = as_int.sum(-1)
+    trailing = (as_int.flip(-1).cumsum(-1) == 0).sum(-1)
+    qpos = torch.arange(sq, device=mask.device) + (sk - sq)
+    one_span = (count == 0) | (start + count + trailing == sk)
+    causal = (count == 0) | (start + count - 1 <= qpos)
+    return start, count, (one_span & causal).all()
+
+
+def _span_sparse(policy: PrismPolicy, scorer: Scorer, q, k, v, mask, scaling):
+    """Sparse attention under an explicit mask made of one key span per query row: the scorer's
+    blocks, every one of them masked token by token to the row's span (exact)."""
+    b, _, sq, _ = q.shape
+    sk = k.shape[2]
+    start, count, ok = _mask_spans(mask, sq, sk)
+    if start.shape[0] != b:
+        start, count = start.expand(b, -1).contiguous(), count.expand(b, -1).contiguous()
+    sel = scorer(q, k)
+    visible, _ = block_causal(sq, sk, sel.block_size, q.device)
+    num, idx = bool_to_block_lists(sel.mask & visible)
+
+    def span_mask_mod(bi, h, q_idx, kv_idx):
+        s0 = start[bi, q_idx]
+        return (kv_idx >= s0) & (kv_idx < s0 + count[bi, q_idx])
+
+    bm = BlockMask.from_kv_blocks(
+        num,
+        idx,
+        BLOCK_SIZE=sel.block_size,
+        mask_mod=span_mask_mod,
+        seq_lengths=(sq, sk),
+        compute_q_blocks=False,
+    )
+    out = get_backend(policy.backend)(q, k, v, bm, scale=scaling)
+    return out, sel, ok
+
+
+def _sparse_out(policy, scorer, q, k, v, scaling) -> torch.Tensor:
+    out, _ = _sparse(policy, scorer, q, k, v, scaling)
+    return out.transpose(1, 2).contiguous()
+
+
+def _masked_prefill(
+    module, policy, scorer, layer, stats, compiling, q, k, v, mask, dropout, scaling, kwargs
+):
+    """A pre-fill that got an explicit mask. Returns (why dense, None) or (None, out)."""
+    sq, sk = q.shape[2], k.shape[2]
+    shaped = isinstance(mask, torch.Tensor) and mask.dim() == 4 and mask.shape[-2:] == (sq, sk)
+    spans_ok = shaped and sq == sk and policy.backend.startswith("flex")
+    if not shaped:
+        return "mask", None
+    if compiling:
+        # transformers cannot read data while tracing, so it hands over explicit masks (its
+        # packed-sequence guess when there is no cache, any padding mask): run sparse over each
+        # row's key span, exactly; a mask that is not one span per row stops with an error
+        if not (spans_ok and policy.padding == "sparse"):
+            return "mask", None
+        out, _, ok = _span_sparse(policy, scorer, q, k, v, mask, scaling)
+        torch._assert_async(
+            ok,
+            "Prism under torch.compile: this attention mask is not one causal key span per "
+            "query row; run it eagerly or with attn_implementation='sdpa'",
+        )
+        return None, out.transpose(1, 2).contiguous()
+
+    padding = getattr(mask, "_prism_padding", None)
+    if padding is not None and policy.padding == "sparse":
+        if stats is not None:
+            stats._layer(layer).calls += 1
+            stats._layer(layer).sparse_calls += 1
+        out = _padded_rows(
+            module, policy, scorer, layer, q, k, v, mask, padding, dropout, scaling, kwargs
+        )
+        return None, out
+    kind = getattr(mask, "_prism_kind", None)  # classified once: every layer gets this object
+    if kind is None:
+        if bool(_plain_causal(mask, sq, sk)):
+            kind = "plain"
+        elif spans_ok and padding is None and bool(_mask_spans(mask, sq, sk)[2]):
+            kind = "spans"
+        else:
+            kind = "other"
+        mask._prism_kind = kind
+    if kind == "plain":
+        out, sel = _sparse(policy, scorer, q, k, v, scaling)
+    elif kind == "spans" and policy.padding == "sparse":
+        out, sel, _ = _span_sparse(policy, scorer, q, k, v, mask, scaling)
+    else:
+        _warn_once(
+            "mask",
+            "Prism: this pre-fill got an attention mask it cannot run sparse (padding with "
+            "padding='dense', a static cache, a mask that is not one causal key span per row, "
+            "or a non-flex backend); running exact dense SDPA with the mask instead.",
+        )
+        return "mask", None
+    if stats is not None:
+        stats.record_sparse(layer, sel, q, k, scaling)
+    return None, out.transpose(1, 2).contiguous()
+
+
 def prism_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -586,7 +711,8 @@ def prism_attention_forward(
     policy: PrismPolicy = getattr(module, "_prism_policy", None) or default_policy()
     layer = getattr(module, "layer_idx", None)
     scorer = policy.scorer_for(layer)
-    stats = policy.stats if not _compiling() else None
+    compiling = _compiling()
+    stats = None if compiling else policy.stats
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     sq, sk = query.shape[2], key.shape[2]
     if kwargs.get("softcap") is not None:
@@ -595,47 +721,21 @@ def prism_attention_forward(
             "load this model with attn_implementation='eager'"
         )
 
-    if attention_mask is not None:
-        padding = None if _compiling() else getattr(attention_mask, "_prism_padding", None)
-        if (
-            padding is not None
-            and policy.padding == "sparse"
-            and causal
-            and _route(policy, scorer, sq, sk) is None
-        ):
-            if stats is not None:
-                stats._layer(layer).calls += 1
-                stats._layer(layer).sparse_calls += 1
-            out = _padded_rows(
-                module,
-                policy,
-                scorer,
-                layer,
-                query,
-                key,
-                value,
-                attention_mask,
-                padding,
-                dropout,
-                scaling,
-                kwargs,
-            )
-            return out, None
-        why = "mask"
-        if sq > 1 and sk >= policy.min_len and scorer is not None:
-            _warn_once(
-                "mask",
-                "Prism: this pre-fill got an explicit attention mask it cannot run sparse "
-                "(padding under torch.compile or with padding='dense', a binding sliding "
-                "window, a static cache or packed sequences); running exact dense SDPA instead.",
-            )
-    elif not causal:
+    if not causal:
         why = "non_causal"
     elif dropout > 0.0:
         why = "dropout"
         _warn_once("dropout", "Prism: attention dropout is on (training mode); running dense.")
     else:
         why = _route(policy, scorer, sq, sk)
+
+    if why is None and attention_mask is not None:
+        why, out = _masked_prefill(
+            module, policy, scorer, layer, stats, compiling, query, key, value,
+            attention_mask, dropout, scaling, kwargs,
+        )  # fmt: skip
+        if out is not None:
+            return out, None
 
     if why is not None:
         if stats is not None:
