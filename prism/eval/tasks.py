@@ -295,13 +295,14 @@ def _cwe(rng: random.Random, fit, n_common: int = 10, f_common: int = 30, f_rare
     raise ValueError("length too short for the common-word-extraction task")
 
 
-# max_new_tokens: generation budget; stop_at_newline: the answer is one line (generation stops at
-# the first newline, so later rambling cannot add matches)
+# max_new_tokens: generation budget; stop_at_newline: the answer is one value on one line
+# (generation stops at the first newline after it, so later rambling cannot add matches); the
+# multi-answer tasks may list their values on several lines and run to max_new_tokens
 TASKS: dict[str, dict[str, Any]] = {
     "niah_single": {"max_new_tokens": 16, "stop_at_newline": True},
     "niah_multikey": {"max_new_tokens": 16, "stop_at_newline": True},
-    "niah_multivalue": {"max_new_tokens": 48, "stop_at_newline": True},
-    "niah_multiquery": {"max_new_tokens": 48, "stop_at_newline": True},
+    "niah_multivalue": {"max_new_tokens": 64, "stop_at_newline": False},
+    "niah_multiquery": {"max_new_tokens": 64, "stop_at_newline": False},
     "vt": {"max_new_tokens": 32, "stop_at_newline": False},
     "cwe": {"max_new_tokens": 64, "stop_at_newline": False},
 }
