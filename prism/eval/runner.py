@@ -529,6 +529,33 @@ def pareto_table(
     return markdown_table(header, rows)
 
 
+def equal_density_table(
+    records: Sequence[Mapping[str, Any]], densities: Sequence[float] = (0.1, 0.2, 0.3, 0.4)
+) -> str:
+    """Mean recall (and worst-head recall) of each scorer family's sweep, interpolated at equal
+    densities; "–" outside a family's swept density range."""
+    from .recall import recall_at_density
+
+    groups: dict[tuple[int, str], list[tuple[float, float, float]]] = {}
+    for r in records:
+        if r["metric"] != "recall" or r["scorer_name"].startswith("oracle-"):
+            continue
+        res = r["result"]
+        groups.setdefault((r["length"], r["family"]), []).append(
+            (res["density"], res["recall"], res["recall_min"])
+        )
+    rows = []
+    for (length, fam), pts in sorted(groups.items()):
+        cells = []
+        for d in densities:
+            mean = recall_at_density([(p[0], p[1]) for p in pts], d)
+            worst = recall_at_density([(p[0], p[2]) for p in pts], d)
+            cells.append("–" if mean is None else f"{mean:.3f} / {worst:.2f}")
+        rows.append([length, fam, *cells])
+    header = ["length", "scorer", *(f"recall (mean / worst head) @ density {d}" for d in densities)]
+    return markdown_table(header, rows)
+
+
 def summary(records: Sequence[Mapping[str, Any]]) -> str:
     """Markdown summary tables of the finished points."""
     parts = []
@@ -559,6 +586,7 @@ def summary(records: Sequence[Mapping[str, Any]]) -> str:
         ]
         parts.append("## Attention recall vs density\n\n" + markdown_table(hdr, rows))
         parts.append("## Pareto: density needed per recall target\n\n" + pareto_table(records))
+        parts.append("## Recall at equal density\n\n" + equal_density_table(records))
     ppl = [r for r in records if r["metric"] == "ppl"]
     if ppl:
         rows = [
