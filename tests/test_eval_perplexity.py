@@ -94,3 +94,22 @@ def test_greedy_generation_sparse_prefill_threshold_one_equals_dense(model_token
             nxt = model(seq).logits[0, -1].argmax()
             seq = torch.cat([seq, nxt.view(1, 1)], dim=1)
     assert seq[0, 384:].tolist() == dense
+
+
+def test_yarn_rope_scaling_option():
+    from prism.eval.modeling import apply_rope_scaling
+
+    model = tiny_llama()
+    before = model.model.rotary_emb.inv_freq.clone()
+    ids = torch.randint(
+        0, model.config.vocab_size, (1, 200), generator=torch.Generator().manual_seed(1)
+    )
+    dense = window_nll(model, ids)["nll_sum"]
+    apply_rope_scaling(model, {"rope_type": "yarn", "factor": 2.0})
+    assert model.config.max_position_embeddings == 2 * 4096
+    assert model.config.rope_parameters["original_max_position_embeddings"] == 4096
+    rot = model.model.rotary_emb
+    assert rot.attention_scaling > 1.0  # YaRN's attention temperature
+    assert not torch.allclose(rot.inv_freq, before)  # low frequencies interpolated
+    scaled = window_nll(model, ids)["nll_sum"]
+    assert math.isfinite(scaled) and scaled != pytest.approx(dense, rel=1e-7)
