@@ -5,8 +5,9 @@
     ... greedy-decode a few tokens ...
     check_answer(generated_text, answer)   # True if the needle's number was retrieved
 
-The haystack is prose from Python's own documentation (``pydoc_data.topics``, ~465K characters,
-shipped with every CPython), shuffled by paragraph with the seed; one needle -- "The special
+The haystack is prose from Python's own documentation (``pydoc_data.topics``, shipped with every
+CPython: ~430 distinct prose paragraphs, ~30K tokens), shuffled by paragraph with the seed (longer
+prompts go through it again in a new order); one needle -- "The special
 magic number for <key> is: <7 digits>." -- sits at a seeded depth. The prompt ends with the answer
 prefix, so the first generated tokens are the answer. With a chat template (instruct models)
 the question goes in the user turn and the answer prefix starts the assistant turn.
@@ -53,7 +54,7 @@ def filler_paragraphs() -> tuple[str, ...]:
             letters = sum(c.isalpha() or c == " " for c in text)
             if len(text) >= 120 and letters >= 0.85 * len(text) and text[-1] in ".:":
                 out.append(text)
-    return tuple(out)
+    return tuple(dict.fromkeys(out))  # some topics share paragraphs: keep the first of each
 
 
 def _chat_wrap(tokenizer, user: str, prefix: str) -> str:
@@ -102,17 +103,20 @@ def build_needle_prompt(
             return _chat_wrap(tokenizer, user, prefix)
         return user + "\n\n" + prefix
 
-    pool = list(filler_paragraphs())
-    rng.shuffle(pool)
     budget = length - _n_tokens(tokenizer, render([]))
     chosen: list[str] = []
     used = 0
-    for para in pool * (1 + length // 50_000):  # the corpus is ~100K tokens; reuse it beyond
-        n = _n_tokens(tokenizer, para) + 1  # + the paragraph break
-        if used + n > budget:
-            break
-        chosen.append(para)
-        used += n
+    full = False
+    while not full:  # the corpus is ~30K tokens: longer prompts go through it again, reshuffled
+        pool = list(filler_paragraphs())
+        rng.shuffle(pool)
+        for para in pool:
+            n = _n_tokens(tokenizer, para) + 1  # + the paragraph break
+            if used + n > budget:
+                full = True
+                break
+            chosen.append(para)
+            used += n
     text = render(chosen)
     while chosen and _n_tokens(tokenizer, text) > length:
         chosen.pop()
