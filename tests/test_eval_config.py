@@ -177,3 +177,36 @@ def test_cli_dry_run_lists_points(tmp_path, capsys):
     assert cli_main([str(path), "--dry-run", "length=256"]) == 0
     out = capsys.readouterr().out
     assert out.count("todo") == 4 and "4 points" in out
+
+
+def test_summary_of_ruler_and_ppl_records():
+    from prism.eval import summary
+
+    def ruler(scorer, name, preds, acc):
+        return {
+            "metric": "ruler",
+            "length": 4096,
+            "scorer": scorer,
+            "scorer_name": name,
+            "task": "vt",
+            "ruler": {"task": "vt", "samples": 2},
+            "result": {
+                "accuracy": acc,
+                "samples": 2,
+                "per_sample": [{"prediction": p} for p in preds],
+            },
+        }
+
+    recs = [ruler("dense", "none", ["A B", "C"], 0.5), ruler("prism", "prism", ["A B ", "D"], 0.0)]
+    recs.append(
+        {
+            "metric": "ppl",
+            "length": 4096,
+            "scorer": "prism",
+            "scorer_name": "prism",
+            "result": {"ppl": 10.5, "dppl": 0.05, "density": 0.3},
+        }
+    )
+    text = summary(recs)
+    assert "| 4096 | prism | 0.0000 | 0.0000 | 1/2 |" in text
+    assert "+5.00%" in text

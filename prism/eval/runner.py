@@ -607,18 +607,36 @@ def summary(records: Sequence[Mapping[str, Any]]) -> str:
     if ruler:
         tasks = sorted({r["task"] for r in ruler})
         by: dict[tuple[int, str], dict[str, float]] = {}
+        dense_pred = {
+            (r["length"], r["task"], json.dumps(r.get("ruler"), sort_keys=True)): [
+                s["prediction"] for s in r["result"]["per_sample"]
+            ]
+            for r in ruler
+            if r["scorer_name"] == BASELINE
+        }
+        same: dict[tuple[int, str], list[bool]] = {}
         for r in ruler:
             by.setdefault((r["length"], r["scorer"]), {})[r["task"]] = r["result"]["accuracy"]
+            ref = dense_pred.get(
+                (r["length"], r["task"], json.dumps(r.get("ruler"), sort_keys=True))
+            )
+            if ref is not None and r["scorer_name"] != BASELINE:
+                preds = [s["prediction"] for s in r["result"]["per_sample"]]
+                same.setdefault((r["length"], r["scorer"]), []).extend(
+                    a.strip() == b.strip() for a, b in zip(preds, ref)
+                )
         rows = []
         for (length, label), accs in by.items():
             vals = [accs.get(t) for t in tasks]
             have = [v for v in vals if v is not None]
             mean = sum(have) / len(have) if have else None
-            rows.append([length, label, *(_fmt(v) for v in vals), _fmt(mean)])
+            agree = same.get((length, label))
+            agree_s = f"{sum(agree)}/{len(agree)}" if agree else "–"
+            rows.append([length, label, *(_fmt(v) for v in vals), _fmt(mean), agree_s])
         n = sorted({r["result"]["samples"] for r in ruler})
         parts.append(
             f"## RULER-style accuracy (samples per task: {n})\n\n"
-            + markdown_table(["length", "scorer", *tasks, "mean"], rows)
+            + markdown_table(["length", "scorer", *tasks, "mean", "same output as dense"], rows)
         )
     lm = [r for r in records if r["metric"] == "lm_eval"]
     if lm:
