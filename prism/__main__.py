@@ -126,23 +126,21 @@ def _greedy(model, input_ids: torch.Tensor, max_new_tokens: int, eos: set[int], 
     return tokens, prefill
 
 
-def _warm_up(policy, model, seq_len: int) -> float:
-    """Compile the attention backend for this sequence length once, on random tensors of the
-    model's layer shapes, so that the timed pre-fill does not include compilation."""
-    from . import build_scorer
-    from .kernels import get_backend
+def _warm_up(policy, model, input_ids: torch.Tensor) -> float:
+    """Compile the attention backend for this input once, so the timed pre-fill excludes it.
 
-    cfg = model.config
-    hq = cfg.num_attention_heads
-    hkv = getattr(cfg, "num_key_value_heads", None) or hq
-    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // hq
-    dtype = next(model.parameters()).dtype
-    q = torch.randn(1, hq, seq_len, d, dtype=dtype)
-    k = torch.randn(1, hkv, seq_len, d, dtype=dtype)
-    v = torch.randn(1, hkv, seq_len, d, dtype=dtype)
-    sel = build_scorer("window", block_size=policy.block_size, window=2)(q, k)
+    Compiled flex specialises on shapes and strides, which depend on the model family; the
+    surest warm-up runs the real model with only its first layer on the same input (attention
+    layouts are the same in every layer)."""
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
     t0 = time.perf_counter()
-    get_backend(policy.backend)(q, k, v, sel.block_mask(), scale=d**-0.5)
+    if isinstance(layers, torch.nn.ModuleList) and len(layers) > 0:
+        inner.layers = layers[:1]
+        try:
+            model(input_ids=input_ids, logits_to_keep=1, **_cache_kwargs(model))
+        finally:
+            inner.layers = layers
     return time.perf_counter() - t0
 
 
@@ -204,7 +202,7 @@ def model_main(args) -> int:
         model, tok = load_default_model(progress=False)
         name = "SmolLM2-135M-Instruct (embedded)"
     else:
-        model, tok = load_model(args.model)
+        model, tok = load_model(args.model, progress=False)
         name = args.model
     n_layers = model.config.num_hidden_layers
     rec_layer = n_layers // 2 if args.recall_layer is None else args.recall_layer
@@ -232,7 +230,7 @@ def model_main(args) -> int:
 
         step("compiling the attention (one-time)")
         patch_model(model, policy=policy)
-        t_compile = _warm_up(policy, model, ids.shape[1])
+        t_compile = _warm_up(policy, model, ids)
         bar.update()
 
         step(f"Prism pre-fill ({ids.shape[1]} tokens)")

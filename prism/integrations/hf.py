@@ -9,14 +9,20 @@ function) and in ``AttentionMaskInterface`` (the mask builder), so both work::
 What runs where (per attention call; q [B, Hq, Sq, D], k/v [B, Hkv, Sk, D] as the model passes
 them: after q/k norms and RoPE, K/V not expanded for GQA, Sk - Sq = the cached prefix P):
 
-* pre-fill (``Sq >= min_query_len``, ``Sk >= min_len``, no padding): the layer's scorer picks the
-  blocks, the backend computes attention over them (``Sk > Sq``: chunked pre-fill, same geometry
-  with the offset P);
+* pre-fill (``Sq >= min_query_len``, ``Sk >= min_len``): the layer's scorer picks the blocks,
+  the backend computes attention over them (``Sk > Sq``: chunked pre-fill, same geometry with the
+  offset P);
 * decode (``Sq == 1``), short inputs, dense layers, non-causal modules: dense SDPA, exactly as
   ``attn_implementation="sdpa"``;
-* a padded batch: each row runs sparse on its own unpadded span (eager mode); anything the mask
-  cannot be read for (compiled graphs, sliding windows that bind, static caches, packed
-  sequences) falls back to exact dense SDPA with the model's mask, with a one-time warning.
+* explicit masks. A padded batch (eager): every row runs sparse on its own unpadded span, as if
+  alone. Masks made of one causal key span per query row -- packed sequences, binding sliding
+  windows, padding under ``torch.compile`` -- run sparse with the span applied token by token in
+  the kernel (flex backends). Anything else (static caches, other masks, other backends) runs
+  exact dense SDPA with the model's mask, with a one-time warning.
+* ``torch.compile(model, fullgraph=True)``: one graph, no breaks. Without a KV cache,
+  transformers cannot rule out packed sequences while tracing and passes an explicit mask; the
+  span path above keeps that sparse and exact (a mask that is not one span per row stops with
+  an error rather than running wrong).
 
 The policy lives on the patched modules (``module._prism_policy``); a model loaded with
 ``attn_implementation="prism"`` and never patched uses the process-wide default policy

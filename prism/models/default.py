@@ -132,18 +132,30 @@ def default_model_dir(progress: bool = True) -> Path:
     return cache
 
 
-def load_model(path: str | os.PathLike, dtype=None, attn_implementation: str | None = None):
+def load_model(
+    path: str | os.PathLike,
+    dtype=None,
+    attn_implementation: str | None = None,
+    progress: bool = True,
+):
     """``(model, tokenizer)`` from a local Hugging Face directory (or a hub id that is cached
     or reachable), in eval mode. ``dtype`` defaults to the checkpoint's."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     kwargs = {}
     if dtype is not None:
         kwargs["dtype"] = dtype
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
-    tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
+    if not progress:
+        hf_logging.disable_progress_bar()
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
+    finally:
+        if not progress:
+            hf_logging.enable_progress_bar()
     return model, tok
 
 
@@ -161,4 +173,4 @@ def load_default_model(
     """
     if path is None:
         path = default_model_dir(progress=progress)
-    return load_model(path, dtype=dtype, attn_implementation=attn_implementation)
+    return load_model(path, dtype=dtype, attn_implementation=attn_implementation, progress=progress)
