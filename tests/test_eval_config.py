@@ -177,6 +177,27 @@ def test_cli_dry_run_lists_points(tmp_path, capsys):
     assert cli_main([str(path), "--dry-run", "length=256"]) == 0
     out = capsys.readouterr().out
     assert out.count("todo") == 4 and "4 points" in out
+    # --report rebuilds CSV / summary / plots from whatever records the file holds
+    rec = {
+        "key": "k",
+        "metric": "recall",
+        "length": 256,
+        "scorer": "prism",
+        "family": "prism",
+        "scorer_name": "prism",
+        "params": {},
+        "result": {
+            "density": 0.5,
+            "recall": 0.9,
+            "recall_min": 0.8,
+            "oracle_density": 0.4,
+            "oracle_row_density": 0.45,
+        },
+    }
+    (tmp_path / "t.jsonl").write_text(json.dumps(rec) + "\n")
+    assert cli_main([str(path), "--report"]) == 0
+    assert "| 256 | prism | 0.5000 | 0.9000 |" in capsys.readouterr().out
+    assert (tmp_path / "t.csv").read_text().count("\n") == 2
 
 
 def test_summary_of_ruler_and_ppl_records():

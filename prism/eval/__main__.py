@@ -26,6 +26,12 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--summary", action="store_true", help="print the summary of existing results and exit"
     )
+    ap.add_argument(
+        "--report",
+        action="store_true",
+        help="from every record in the results file (whatever config made it): rewrite the CSV "
+        "and the plots, print the summary, and exit",
+    )
     args = ap.parse_intermixed_args(argv)
 
     from .config import ConfigError, load_experiment, scorer_label
@@ -46,6 +52,17 @@ def main(argv=None) -> int:
                 f"{mark}  {p['key']}  {p['metric']:<7} L={p['length']:<6} {scorer_label(p['scorer'])}{extra}"
             )
         print(f"{len(runner.points)} points -> {runner.jsonl}")
+        return 0
+    if args.report:
+        from .plots import make_plots
+        from .runner import write_csv
+
+        records = read_records(runner.jsonl)
+        write_csv(records, runner.out_dir / f"{runner.name}.csv")
+        print(summary(records))
+        out = runner.points[0]["output"]
+        for path in make_plots(records, runner.out_dir, runner.name, out["speedup_csv"]):
+            print(f"[prism.eval] wrote {path}")
         return 0
     if args.summary:
         keys = {p["key"] for p in runner.points}
