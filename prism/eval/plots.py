@@ -97,7 +97,11 @@ def pareto_plot(records: Sequence[Mapping[str, Any]], path: str | Path) -> Path 
 
 def heatmap_plot(records: Sequence[Mapping[str, Any]], path: str | Path) -> Path | None:
     rec = [
-        r for r in records if r["metric"] == "recall" and not r["scorer_name"].startswith("oracle-")
+        r
+        for r in records
+        if r["metric"] == "recall"
+        and not r["scorer_name"].startswith("oracle-")
+        and r["result"].get("density_per_head")
     ]
     if not rec:
         return None
