@@ -130,13 +130,14 @@ def _warm_up(policy, model, input_ids: torch.Tensor) -> float:
     """Compile the attention backend for this input once, so the timed pre-fill excludes it.
 
     Compiled flex specialises on shapes and strides, which depend on the model family; the
-    surest warm-up runs the real model with only its first layer on the same input (attention
-    layouts are the same in every layer)."""
+    surest warm-up runs the real model with only its first sparse layer on the same input
+    (attention layouts are the same in every layer)."""
     inner = getattr(model, "model", None)
     layers = getattr(inner, "layers", None)
     t0 = time.perf_counter()
-    if isinstance(layers, torch.nn.ModuleList) and len(layers) > 0:
-        inner.layers = layers[:1]
+    sparse = [i for i in range(len(layers or [])) if policy.scorer_for(i) is not None]
+    if isinstance(layers, torch.nn.ModuleList) and sparse:
+        inner.layers = layers[sparse[0] : sparse[0] + 1]
         try:
             model(input_ids=input_ids, logits_to_keep=1, **_cache_kwargs(model))
         finally:
