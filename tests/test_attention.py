@@ -135,3 +135,21 @@ def test_block_mask_shape_and_roundtrip():
     assert not (partial & full).any()
     _, geom_partial = sel.causal()
     assert torch.equal(partial, sel.mask & geom_partial)
+
+
+def test_flex_never_silently_runs_dense_after_many_recompiles():
+    """Past Dynamo's recompile limit a compiled function runs eagerly, and eager flex_attention
+    ignores the block lists (a sparse mask silently runs dense). The flex backend raises the limit
+    for its own calls; here the user's global limit is 1 and three variants must all stay sparse."""
+    import torch._dynamo.config as dcfg
+
+    name = "recompile_limit" if hasattr(dcfg, "recompile_limit") else "cache_size_limit"
+    with dcfg.patch(**{name: 1}):
+        for d, dtype in ((32, torch.float32), (64, torch.float32), (32, torch.bfloat16)):
+            q, k, v = inputs(1, 4, 2, 512, 512, d, dtype=dtype)
+            sel = prism.build_scorer("window", window=1)(q, k)
+            assert sel.density < 0.7
+            out = prism.sparse_attention(q, k, v, backend="flex", selection=sel).float()
+            ref = prism.sparse_attention(q, k, v, backend="reference", selection=sel).float()
+            tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+            torch.testing.assert_close(out, ref, atol=tol, rtol=tol)

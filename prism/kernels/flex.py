@@ -16,6 +16,25 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 _COMPILED = None
 
 
+def _compile_limits():
+    """Dynamo config for our compiled flex_attention calls.
+
+    Past its recompile limit (8 by default) Dynamo silently runs a function eagerly, and eager
+    ``flex_attention`` ignores the block lists: a sparse mask would silently run dense. Every new
+    (dtype, D, block size, GQA, ...) combination is one recompile, so we allow more and make
+    hitting the limit an error instead of a silent fallback.
+    """
+    cfg = torch._dynamo.config
+    opts = {}
+    if hasattr(cfg, "recompile_limit"):
+        opts["recompile_limit"] = max(cfg.recompile_limit, 64)
+    else:  # older torch
+        opts["cache_size_limit"] = max(cfg.cache_size_limit, 64)
+    if hasattr(cfg, "fail_on_recompile_limit_hit"):
+        opts["fail_on_recompile_limit_hit"] = True
+    return cfg.patch(**opts)
+
+
 def compiled_flex_attention():
     """The process-wide compiled ``flex_attention``."""
     global _COMPILED
@@ -67,13 +86,13 @@ def flex_sparse_attention(
     impl: str = "auto",
 ) -> torch.Tensor:
     """q [B, Hq, Sq, D], k/v [B, Hkv, Sk, D] -> [B, Hq, Sq, D]; GQA without repeating K/V."""
-    fn = flex_attention if torch.compiler.is_compiling() else compiled_flex_attention()
-    return fn(
-        q,
-        k,
-        v,
+    kwargs = dict(
         block_mask=block_mask,
         scale=scale,
         enable_gqa=q.shape[1] != k.shape[1],
         kernel_options=_kernel_options(q, block_mask, impl),
     )
+    if torch.compiler.is_compiling():  # inside the caller's graph: the plain function
+        return flex_attention(q, k, v, **kwargs)
+    with _compile_limits():
+        return compiled_flex_attention()(q, k, v, **kwargs)
