@@ -32,8 +32,7 @@ def num_blocks(length: int, block_size: int) -> int:
     return math.ceil(length / block_size)
 
 
-@functools.lru_cache(maxsize=64)
-def _geometry_cpu(sq: int, sk: int, bs: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _geometry(sq: int, sk: int, bs: int) -> tuple[torch.Tensor, torch.Tensor]:
     nqb, nkb = num_blocks(sq, bs), num_blocks(sk, bs)
     p = sk - sq
     i = torch.arange(nqb).unsqueeze(1)
@@ -44,6 +43,9 @@ def _geometry_cpu(sq: int, sk: int, bs: int) -> tuple[torch.Tensor, torch.Tensor
     visible = j * bs <= last_q
     partial = visible & (j * bs + bs - 1 > p + i * bs)
     return visible, partial
+
+
+_geometry_cached = functools.lru_cache(maxsize=64)(_geometry)
 
 
 def block_causal(
@@ -57,7 +59,9 @@ def block_causal(
     """
     if sq > sk:
         raise ValueError(f"Sq ({sq}) must be <= Sk ({sk})")
-    visible, partial = _geometry_cpu(int(sq), int(sk), int(block_size))
+    # the cache saves host work in eager mode; under torch.compile it only makes Dynamo warn
+    geometry = _geometry if torch.compiler.is_compiling() else _geometry_cached
+    visible, partial = geometry(int(sq), int(sk), int(block_size))
     if device is not None:
         visible, partial = visible.to(device), partial.to(device)
     return visible, partial
