@@ -21,6 +21,16 @@ def load_config(*args, **kwargs):
 
 
 __all__ = [
+    # HF integration / embedded model (lazy, transformers is optional)
+    "PrismPolicy",
+    "PrismStats",
+    "collect_stats",
+    "load_default_model",
+    "patch_model",
+    "patched",
+    "prism_attention_forward",
+    "unpatch_model",
+    # core
     "BACKENDS",
     "BlockSelection",
     "SCORERS",
