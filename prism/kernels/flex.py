@@ -8,8 +8,6 @@ backend is picked automatically (``backend="flex"``); ``flex_triton`` / ``flex_f
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
@@ -43,19 +41,21 @@ def compiled_flex_attention():
     return _COMPILED
 
 
-@functools.cache
+_FLASH_OK: dict[int, bool] = {}
+
+
 def flash_available(device_index: int = 0) -> bool:
     """True where FlexAttention's FLASH (FA4 CuTe-DSL) backend can run: CUDA sm90+ and
-    ``flash_attn.cute`` importable."""
-    if not torch.cuda.is_available():
-        return False
-    if torch.cuda.get_device_capability(device_index)[0] < 9:
-        return False
-    try:
-        import flash_attn.cute  # noqa: F401
-    except Exception:
-        return False
-    return True
+    ``flash_attn.cute`` importable. Probed once per device, in eager mode."""
+    if device_index not in _FLASH_OK:
+        ok = torch.cuda.is_available() and torch.cuda.get_device_capability(device_index)[0] >= 9
+        if ok:
+            try:
+                import flash_attn.cute  # noqa: F401
+            except Exception:
+                ok = False
+        _FLASH_OK[device_index] = ok
+    return _FLASH_OK[device_index]
 
 
 def _kernel_options(q: torch.Tensor, block_mask: BlockMask, impl: str) -> dict | None:
@@ -64,10 +64,17 @@ def _kernel_options(q: torch.Tensor, block_mask: BlockMask, impl: str) -> dict |
     if q.is_cuda and min(bs_q, bs_k) < 128:
         # the mask block must be a multiple of the kernel tile
         opts.update(BLOCK_M=bs_q, BLOCK_N=bs_k)
-    use_flash = impl == "flash" or (
-        impl == "auto" and q.is_cuda and flash_available(q.device.index or 0)
-    )
-    if impl == "flash" and not (q.is_cuda and flash_available(q.device.index or 0)):
+    idx = q.device.index or 0
+    # under torch.compile the probe (an import) cannot be traced: use what eager mode found
+    # (the first eager call probes it; unknown -> FlexAttention's Triton backend)
+    if not q.is_cuda:
+        available = False
+    elif torch.compiler.is_compiling():
+        available = _FLASH_OK.get(idx, False)
+    else:
+        available = flash_available(idx)
+    use_flash = impl == "flash" or (impl == "auto" and available)
+    if impl == "flash" and not available:
         raise RuntimeError(
             "backend 'flex_flash' needs a CUDA GPU of compute capability >= 9.0 and FlashAttention-4 "
             "(pip install 'prism-sparse[fa4]'); use backend='flex' to fall back automatically"
