@@ -48,11 +48,11 @@ def selection_to_block_mask(mask: torch.Tensor, sq: int, sk: int, block_size: in
 def lists_to_block_mask(
     kv_num: torch.Tensor,
     kv_idx: torch.Tensor,
-    full_num: torch.Tensor,
-    full_idx: torch.Tensor,
+    full_num: torch.Tensor | None,
+    full_idx: torch.Tensor | None,
     sq: int,
     sk: int,
-    block_size: int,
+    block_size: int | tuple[int, int],
 ) -> BlockMask:
     """BlockMask from block lists: partial blocks (``kv_*``, causal ``mask_mod`` with the
     cached-prefix offset) and full blocks (``full_kv_*``); int32 [B, H, NQB] / [B, H, NQB, W]."""

@@ -138,12 +138,6 @@ def causal_block_maps(Sq: int, Sk: int, bs_q: int, bs_kv: int | None = None, dev
     return visible, partial
 
 
-def _maps_to_lists(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    num = m.sum(-1, dtype=torch.int32)
-    idx = torch.argsort((~m).to(torch.int8), dim=-1, stable=True).to(torch.int32)
-    return num.contiguous(), idx.contiguous()
-
-
 def block_mask_from_maps(
     partial: torch.Tensor,
     full: torch.Tensor | None,
@@ -152,29 +146,16 @@ def block_mask_from_maps(
     block_size,
     with_full_lists: bool = True,
 ):
-    """BlockMask from dense bool maps [B, H, NQB, NKB] (partial = causal mask_mod applies)."""
-    from torch.nn.attention.flex_attention import BlockMask
+    """BlockMask from dense bool maps [B, H, NQB, NKB] (partial = causal mask_mod applies).
+    ``block_size`` may be an int or a (BS_Q, BS_KV) tuple."""
+    from ...masks.blockmask import bool_to_block_lists, lists_to_block_mask
 
-    P = Sk - Sq
-
-    def causal(b, h, q_idx, kv_idx):
-        return q_idx + P >= kv_idx
-
-    pn, pi = _maps_to_lists(partial)
+    pn, pi = bool_to_block_lists(partial)
     if full is not None and with_full_lists:
-        fn, fi = _maps_to_lists(full)
+        fn, fi = bool_to_block_lists(full)
     else:
         fn = fi = None
-    return BlockMask.from_kv_blocks(
-        pn,
-        pi,
-        fn,
-        fi,
-        BLOCK_SIZE=block_size,
-        mask_mod=causal,
-        seq_lengths=(Sq, Sk),
-        compute_q_blocks=False,
-    )
+    return lists_to_block_mask(pn, pi, fn, fi, Sq, Sk, block_size)
 
 
 def random_causal_block_mask(
