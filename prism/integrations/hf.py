@@ -646,7 +646,7 @@ def _masked_prefill(
     """A pre-fill that got an explicit mask. Returns (why dense, None) or (None, out)."""
     sq, sk = q.shape[2], k.shape[2]
     shaped = isinstance(mask, torch.Tensor) and mask.dim() == 4 and mask.shape[-2:] == (sq, sk)
-    spans_ok = shaped and sq == sk and policy.backend.startswith("flex")
+    spans_ok = shaped and sq == sk and get_backend(policy.backend).honours_mask_mod
     if not shaped:
         return "mask", None
     if compiling:
