@@ -5,6 +5,8 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.prism-installed
+# options of `python -m prism` as omegaconf key=value overrides (the old --flags still work), e.g.
+#   make demo DEMO_ARGS="length=8192 threshold=0.9"      make demo DEMO_ARGS="--synthetic length=16384"
 DEMO_ARGS ?=
 
 .PHONY: setup demo test lint format clean

@@ -30,16 +30,13 @@ import prism  # noqa: E402
 from prism.kernels import get_backend  # noqa: E402
 from prism.kernels.flex import flash_available  # noqa: E402
 from prism.synthetic import synthetic_qkv  # noqa: E402
+from prism.testing import relative_error as rel_err  # noqa: E402
 
 
 def bench(fn, rep_ms: int) -> float:
     import triton.testing
 
     return triton.testing.do_bench(fn, warmup=25, rep=rep_ms, return_mode="median")
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).norm() / b.float().norm())
 
 
 def run_length(S: int, args) -> list[dict]:

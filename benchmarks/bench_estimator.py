@@ -1,11 +1,17 @@
 """Prism estimator benchmark: unfused PyTorch vs fused Triton vs mean-pool (GPU only).
 
-    python benchmarks/bench_estimator.py [--phase all|sweep|timing|precompile] [--lengths ...] [--out DIR]
+    python benchmarks/bench_estimator.py [phase=all|sweep|timing|precompile] [lengths=[8192,...]]
+        [threshold=0.95] [out=DIR]
+
+(omegaconf ``key=value`` overrides through :func:`prism.cli.parse_cli`; the older
+``--phase sweep --lengths 8192 16384`` spellings still work; ``-h`` lists the keys.)
 
 1. Checks: the fused selection (Triton, 2 launches) against the unfused ``PrismScorer`` at a few
    sizes, fp32 and bf16 (rows whose selection differs; list layout against ``bool_to_block_lists``).
-2. Sweep (phase ``sweep`` / ``all``): launch shapes of the select kernel at the smallest and largest length (time of the
-   select launch alone, compiler registers / spills).
+2. Sweep (phase ``sweep`` / ``all``): launch shapes of the select kernel at the smallest and
+   largest length (time of the select launch alone, compiler registers / spills), and the
+   timing-only variants of ``_estimator_variants.py`` (no threshold search / no list writing /
+   logits only), which attribute the select time to its stages.
 3. Timing at each length (Hq=32, Hkv=8, D=128, bf16, batch 1, Sq = Sk): ``triton.testing.do_bench``
    medians of the unfused Prism scorer (bool mask), unfused + BlockMask lists, mean-pool, the fused
    estimator (lists) and its two launches; extra peak CUDA memory of one call (outputs included) and
@@ -18,8 +24,8 @@ selection density — and the threshold search's work — resemble a real model'
 
 from __future__ import annotations
 
-import argparse
 import csv
+import dataclasses
 import math
 import os
 import platform
@@ -32,12 +38,23 @@ import triton
 import triton.testing
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from prism.kernels.estimation import prism_fused as pf  # noqa: E402
-from prism.masks import block_causal, bool_to_block_lists  # noqa: E402
+from _estimator_variants import VARIANTS  # noqa: E402
+
+from prism.cli import parse_cli  # noqa: E402
+from prism.kernels.estimation.op import Plan, prism_select_block_lists  # noqa: E402
+from prism.kernels.estimation.pool import pool_blocks_fused  # noqa: E402
+from prism.kernels.estimation.select import (  # noqa: E402
+    SelectConfig,
+    pick_select_config,
+    select_from_pooled,
+)
+from prism.masks import BlockSelection, block_causal, bool_to_block_lists  # noqa: E402
 from prism.scorers.meanpool import MeanPoolScorer  # noqa: E402
 from prism.scorers.prism import PrismConfig, PrismScorer  # noqa: E402
-from prism.scorers.prism_fused import ListBlockSelection  # noqa: E402
+
+D = 128  # head dim of every benchmark shape
 
 
 def synth_qk(b, hq, hkv, s, d, seed, dtype, device="cuda", segment=300, strength=2.0):
@@ -91,17 +108,21 @@ def peak_extra_mb(fn) -> tuple[float, float]:
 
 
 def fused_mask(lists, sq, sk, bs):
-    return ListBlockSelection(lists, sq, sk, bs).mask
+    return BlockSelection.from_lists(lists, sq, sk, bs).mask
+
+
+def kernel_params(cfg: PrismConfig):
+    return PrismScorer(cfg).kernel_params(D)
 
 
 def check(cfg, lengths, dtypes, seed=1, device="cuda"):
     rows = []
     for s, pre in lengths:
         for dt in dtypes:
-            q, k = synth_qk(2, 8, 2, s, 128, seed, dt, device=device)
+            q, k = synth_qk(2, 8, 2, s, D, seed, dt, device=device)
             q = q[:, :, pre:]  # a cached prefix of `pre` tokens
             ref = PrismScorer(cfg).select_torch(q, k).mask
-            lists = pf.prism_select_block_lists(q, k, cfg)
+            lists = prism_select_block_lists(q, k, kernel_params(cfg))
             got = fused_mask(lists, q.shape[2], s, cfg.block_size)
             diff_rows = int((got != ref).any(-1).sum())
             _, part = block_causal(q.shape[2], s, cfg.block_size, q.device)
@@ -124,20 +145,21 @@ def check(cfg, lengths, dtypes, seed=1, device="cuda"):
 
 
 def sweep(cfg, s, variants, pool_variants=()):
-    """Select-kernel launch variants ``(SelectConfig, debug)`` on one pooled input; debug 1/2/3
-    are timing-only variants (no threshold search / no list writing / logits only)."""
-    q, k = synth_qk(1, 32, 8, s, 128, 0, torch.bfloat16)
-    plan = pf._Plan(q, k, cfg)
-    pooled = pf.pool_blocks_fused(q, k, cfg, plan)
-    ref = pf.select_from_pooled(pooled, q, k, cfg, None, plan)
+    """Select-kernel launch variants ``(SelectConfig, variant)`` on one pooled input; variant
+    1/2/3 are the timing-only tile bodies of ``_estimator_variants.py`` (no threshold search / no
+    list writing / logits only), 0 the production body."""
+    q, k = synth_qk(1, 32, 8, s, D, 0, torch.bfloat16)
+    plan = Plan(q, k, kernel_params(cfg))
+    pooled = pool_blocks_fused(q, k, plan)
+    ref = select_from_pooled(pooled, plan)
     ref_mask = fused_mask(ref, s, s, cfg.block_size)
     out = []
     for v, dbg in variants:
-        name = f"{v}" + (f" DEBUG={dbg}" if dbg else "")
+        name = f"{v}" + (f" variant={VARIANTS[dbg].__name__}" if dbg else "")
         try:
             t0 = time.time()
-            lists, kern = pf.select_from_pooled(
-                pooled, q, k, cfg, v, plan, return_kernel=True, debug=dbg
+            lists, kern = select_from_pooled(
+                pooled, plan, v, tile=VARIANTS.get(dbg), return_kernel=True
             )
             torch.cuda.synchronize()
             comp = time.time() - t0
@@ -145,7 +167,7 @@ def sweep(cfg, s, variants, pool_variants=()):
             if not dbg:
                 diff = int((fused_mask(lists, s, s, cfg.block_size) != ref_mask).any(-1).sum())
             t = bench(
-                lambda v=v, dbg=dbg: pf.select_from_pooled(pooled, q, k, cfg, v, plan, debug=dbg)
+                lambda v=v, dbg=dbg: select_from_pooled(pooled, plan, v, tile=VARIANTS.get(dbg))
             )
             regs, spills = getattr(kern, "n_regs", -1), getattr(kern, "n_spills", -1)
             out.append(
@@ -158,9 +180,7 @@ def sweep(cfg, s, variants, pool_variants=()):
         print("sweep", out[-1], flush=True)
     qk_bytes = (q.numel() + k.numel()) * q.element_size()
     for rows, warps in pool_variants:
-        t = bench(
-            lambda r=rows, w=warps: pf.pool_blocks_fused(q, k, cfg, plan, rows=r, num_warps=w)
-        )
+        t = bench(lambda r=rows, w=warps: pool_blocks_fused(q, k, plan, rows=r, num_warps=w))
         out.append(
             dict(
                 S=s, launch=f"pool rows={rows} warps={warps} ({qk_bytes / t / 1e6:.0f} GB/s)", ms=t
@@ -171,12 +191,13 @@ def sweep(cfg, s, variants, pool_variants=()):
 
 
 def time_one(cfg, s):
-    q, k = synth_qk(1, 32, 8, s, 128, 0, torch.bfloat16)
+    q, k = synth_qk(1, 32, 8, s, D, 0, torch.bfloat16)
     unf = PrismScorer(cfg).select_torch
     mp = MeanPoolScorer(block_size=cfg.block_size, threshold=cfg.threshold)
-    plan = pf._Plan(q, k, cfg)
-    pooled = pf.pool_blocks_fused(q, k, cfg, plan)
-    lists, kern = pf.select_from_pooled(pooled, q, k, cfg, None, plan, return_kernel=True)
+    params = kernel_params(cfg)
+    plan = Plan(q, k, params)
+    pooled = pool_blocks_fused(q, k, plan)
+    lists, kern = select_from_pooled(pooled, plan, return_kernel=True)
     ref = unf(q, k).mask
     diff = int((fused_mask(lists, s, s, cfg.block_size) != ref).any(-1).sum())
     n_causal = int(block_causal(s, s, cfg.block_size)[0].sum())
@@ -185,9 +206,9 @@ def time_one(cfg, s):
         "unfused": lambda: unf(q, k).mask,
         "unfused+lists": lambda: unf(q, k).block_mask(),
         "meanpool": lambda: mp(q, k).mask,
-        "fused": lambda: pf.prism_select_block_lists(q, k, cfg),
-        "fused.pool": lambda: pf.pool_blocks_fused(q, k, cfg, plan),
-        "fused.select": lambda: pf.select_from_pooled(pooled, q, k, cfg, None, plan),
+        "fused": lambda: prism_select_block_lists(q, k, params),
+        "fused.pool": lambda: pool_blocks_fused(q, k, plan),
+        "fused.select": lambda: select_from_pooled(pooled, plan),
     }
     row = dict(S=s, density=dens, diff_rows=diff, rows=32 * plan.nqb)
     for name, fn in fns.items():
@@ -198,7 +219,7 @@ def time_one(cfg, s):
     row["pool_GBps"] = qk_bytes / row["fused.pool_ms"] / 1e6
     row["regs"] = getattr(kern, "n_regs", -1)
     row["spills"] = getattr(kern, "n_spills", -1)
-    row["launch"] = str(pf.pick_select_config(plan.g, plan.nkb))
+    row["launch"] = str(pick_select_config(plan.g, plan.nkb))
     print("time", row, flush=True)
     return row
 
@@ -230,14 +251,14 @@ def to_md(rows, cols) -> str:
 
 
 def sweep_plan(lengths):
-    """(S, [(SelectConfig, debug)], [(pool rows, pool warps)]) of the launch sweep: the default
-    launch, one alternative, and at the largest length the timing-only variants (debug 1: no
+    """(S, [(SelectConfig, variant)], [(pool rows, pool warps)]) of the launch sweep: the default
+    launch, one alternative, and at the largest length the timing-only variants (1: no
     threshold search, 2: no list writing, 3: logits only) that attribute the select time."""
-    sc = pf.SelectConfig
+    sc = SelectConfig
     plans = []
     lo, hi = min(lengths), max(lengths)
     for s in sorted({lo, hi}):
-        base = pf.pick_select_config(4, math.ceil(s / 128))
+        base = pick_select_config(4, math.ceil(s / 128))
         variants = [(base, 0)]
         pools = []
         if s == hi:
@@ -257,14 +278,13 @@ def sweep_plan(lengths):
 
 def _compile_job(job):
     """Run one launch once on random inputs of the benchmark's shape (fills Triton's disk cache)."""
-    s, launch, debug, pool = job
-    q = torch.randn(1, 32, s, 128, device="cuda", dtype=torch.bfloat16)
-    k = torch.randn(1, 8, s, 128, device="cuda", dtype=torch.bfloat16)
-    cfg = PrismConfig()
-    plan = pf._Plan(q, k, cfg)
-    pooled = pf.pool_blocks_fused(q, k, cfg, plan, *(pool or (None, 4)))
+    s, launch, variant, pool = job
+    q = torch.randn(1, 32, s, D, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, 8, s, D, device="cuda", dtype=torch.bfloat16)
+    plan = Plan(q, k, kernel_params(PrismConfig()))
+    pooled = pool_blocks_fused(q, k, plan, *(pool or (None, 4)))
     if launch is not None or pool is None:
-        pf.select_from_pooled(pooled, q, k, cfg, launch, plan, debug=debug)
+        select_from_pooled(pooled, plan, launch, tile=VARIANTS.get(variant))
     torch.cuda.synchronize()
     return s
 
@@ -284,13 +304,23 @@ def precompile(lengths, workers=12):
             print("compiled", r, f"{time.time() - t0:.0f}s", flush=True)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--lengths", type=int, nargs="+", default=[8192, 16384, 32768, 65536, 131072])
-    ap.add_argument("--phase", choices=["all", "sweep", "timing", "precompile"], default="all")
-    ap.add_argument("--threshold", type=float, default=0.95)
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
-    args = ap.parse_args()
+PHASES = ("all", "sweep", "timing", "precompile")
+
+
+@dataclasses.dataclass
+class Args:
+    lengths: list[int] = dataclasses.field(
+        default_factory=lambda: [8192, 16384, 32768, 65536, 131072]
+    )
+    phase: str = dataclasses.field(default="all", metadata={"help": " | ".join(PHASES)})
+    threshold: float = 0.95
+    out: str = str(Path(__file__).resolve().parent / "results")
+
+
+def main(argv=None) -> None:
+    args = parse_cli(Args, argv, description=__doc__, prog="benchmarks/bench_estimator.py")
+    if args.phase not in PHASES:
+        sys.exit(f"error: phase must be one of {list(PHASES)}, got {args.phase!r}")
     if not torch.cuda.is_available():
         sys.exit("bench_estimator.py needs a CUDA GPU")
     cfg = PrismConfig(threshold=args.threshold)

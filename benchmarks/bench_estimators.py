@@ -1,11 +1,14 @@
 """Estimator cost of every registered scorer, beside dense attention (DESIGN.md §7-§8, issue 3).
 
-    python benchmarks/bench_estimators.py --out benchmarks/results [--tag estimators_h200]
-        [--lengths 8192 16384 32768 65536 131072] [--scorers prism meanpool xattn ...]
-    python benchmarks/bench_estimators.py --smoke --out /tmp/x     # CPU, tiny sizes, seconds
+    python benchmarks/bench_estimators.py out=benchmarks/results [tag=estimators_h200]
+        [lengths=[8192,16384,32768,65536,131072]] [scorers=[prism,meanpool,xattn]]
+    python benchmarks/bench_estimators.py smoke=true out=/tmp/x     # CPU, tiny sizes, seconds
+
+(omegaconf ``key=value`` overrides through :func:`prism.cli.parse_cli`; the older
+``--lengths 8192 16384`` / ``--smoke`` spellings still work; ``-h`` lists the keys.)
 
 Shape (GPU): Hq=32, Hkv=8, D=128, bf16, batch 1, causal; RoPE'd text-like inputs made on the
-device. For each length and each scorer built with its defaults (scorers that need arguments,
+device (:func:`prism.synthetic.synthetic_qkv`, topic segments of 512 tokens). For each length and each scorer built with its defaults (scorers that need arguments,
 e.g. ``union``, are skipped and listed):
 
 * estimation time: ``scorer(q, k)`` (scoring + selection, up to the BlockSelection), the median of
@@ -17,13 +20,14 @@ e.g. ``union``, are skipped and listed):
   ``enable_gqa``; repeated K/V if this build refuses it, timed without the repeat).
 
 Prints markdown tables and writes ``<tag>.csv``, ``<tag>.md`` and ``<tag>_cmd.txt`` under ``--out``.
-Imports only torch and prism (omegaconf is not needed); triton only for ``do_bench`` on CUDA.
+Imports torch and prism (with omegaconf, a core dependency, for the options); triton only for
+``do_bench`` on CUDA.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
+import dataclasses
 import functools
 import math
 import platform
@@ -39,6 +43,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import prism  # noqa: E402
+from prism.cli import parse_cli  # noqa: E402
+from prism.synthetic import synthetic_qkv  # noqa: E402
+from prism.utils.tables import fmt_cell, markdown_table  # noqa: E402
 
 GPU_SHAPE = {"hq": 32, "hkv": 8, "d": 128, "dtype": torch.bfloat16}
 SMOKE_SHAPE = {"hq": 4, "hkv": 2, "d": 64, "dtype": torch.float32}
@@ -48,36 +55,14 @@ DENSE_ROW = "sdpa_dense"  # CSV name of the dense attention row (not a scorer)
 
 
 # -- inputs ---------------------------------------------------------------------------------------
-def rope_(x: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
-    """Rotate-half RoPE on [B, H, S, D] (positions 0..S-1), computed on x's device in float32."""
-    s, d = x.shape[2], x.shape[3]
-    half = d // 2
-    theta = base ** (-torch.arange(half, device=x.device, dtype=torch.float32) * 2 / d)
-    ang = torch.arange(s, device=x.device, dtype=torch.float32)[:, None] * theta[None, :]
-    cos, sin = ang.cos(), ang.sin()
-    x1, x2 = x[..., :half].clone(), x[..., half:].clone()
-    x[..., :half] = x1 * cos - x2 * sin
-    x[..., half:] = x2 * cos + x1 * sin
-    return x
-
-
 def make_inputs(length, hq, hkv, d, dtype, device, seed=0, segment=512):
-    """Text-like q [1, Hq, S, D], k, v [1, Hkv, S, D]: segments share a topic direction, each query
-    looks at its own segment's topic or at a random earlier one; RoPE applied; then cast."""
-    g = torch.Generator(device=device).manual_seed(seed)
-    n_seg = -(-length // segment)
-    seg = torch.arange(length, device=device) // segment
-    topics = torch.randn(hkv, n_seg, d, generator=g, device=device)
-    k = 2.0 * topics[:, seg] + torch.randn(hkv, length, d, generator=g, device=device)
-    rep = hq // hkv
-    far = (torch.rand(hq, length, generator=g, device=device) * (seg + 1)).long()
-    own = torch.rand(hq, length, generator=g, device=device) < 0.5
-    which = torch.where(own, seg.expand(hq, length), far)
-    kv_of = torch.arange(hq, device=device) // rep
-    q = 2.0 * topics[kv_of[:, None], which] + torch.randn(hq, length, d, generator=g, device=device)
-    v = torch.randn(hkv, length, d, generator=g, device=device)
-    q, k = rope_(q[None]), rope_(k[None])
-    return q.to(dtype), k.to(dtype), v[None].to(dtype)
+    """Text-like q [1, Hq, S, D], k, v [1, Hkv, S, D] after RoPE (:func:`prism.synthetic.synthetic_qkv`:
+    segments share a topic direction, each query looks at its own segment's topic or at a random
+    earlier one), made on ``device`` in float32 and then cast to ``dtype``."""
+    return synthetic_qkv(
+        batch=1, q_heads=hq, kv_heads=hkv, length=length, head_dim=d, segment=segment,
+        seed=seed, dtype=dtype, device=device,
+    )  # fmt: skip
 
 
 # -- timing ---------------------------------------------------------------------------------------
@@ -152,9 +137,7 @@ def build_scorers(names):
 
 
 def fmt(x, digits=2):
-    if isinstance(x, str):
-        return x
-    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+    return fmt_cell(float(x) if isinstance(x, int) else x, digits)
 
 
 def label(n):
@@ -163,50 +146,51 @@ def label(n):
 
 def markdown(rows, lengths, names, dense_label, header):
     lines = [header, ""]
-    cols = " | ".join(label(n) for n in lengths)
-    sep = "|".join(["---"] * (len(lengths) + 1))
+    cols = ["scorer", *(label(n) for n in lengths)]
     by = {(r["name"], r["length"]): r for r in rows}
     for title, key, digits in (
         ("Estimation time (ms, median)", "time_ms", 2),
         ("Extra peak memory (MB)", "extra_mb", 0),
         ("Density (selected / causal blocks; synthetic inputs)", "density", 3),
     ):
-        lines += [f"### {title}", "", f"| scorer | {cols} |", f"|{sep}|"]
-        shown = ([DENSE_ROW] if key == "time_ms" else []) + names
-        for name in shown:
+        table = []
+        for name in ([DENSE_ROW] if key == "time_ms" else []) + names:
             cells = []
             for n in lengths:
                 r = by.get((name, n))
                 cells.append(r["note"] if r and r["note"] else fmt(r[key] if r else None, digits))
-            shown_name = dense_label if name == DENSE_ROW else name
-            lines.append(f"| {shown_name} | " + " | ".join(cells) + " |")
-        lines.append("")
-    lines += [
-        "### Estimation time / dense attention time (%)",
-        "",
-        f"| scorer | {cols} |",
-        f"|{sep}|",
-    ]
+            table.append([dense_label if name == DENSE_ROW else name, *cells])
+        lines += [f"### {title}", "", markdown_table(cols, table), ""]
+    table = []
     for name in names:
         cells = []
         for n in lengths:
             r, dense = by.get((name, n)), by.get((DENSE_ROW, n))
             ok = r and dense and dense["time_ms"] > 0
             cells.append(fmt(100 * r["time_ms"] / dense["time_ms"], 1) if ok else "–")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines.append("")
+        table.append([name, *cells])
+    lines += ["### Estimation time / dense attention time (%)", "", markdown_table(cols, table), ""]
     return "\n".join(lines)
 
 
+@dataclasses.dataclass
+class Args:
+    out: str = str(REPO / "benchmarks" / "results")
+    tag: str | None = dataclasses.field(
+        default=None, metadata={"help": "file name stem (default estimators_<device>)"}
+    )
+    lengths: list[int] | None = None
+    scorers: list[str] | None = dataclasses.field(
+        default=None, metadata={"help": "default: every registered one"}
+    )
+    rep_ms: int = dataclasses.field(default=200, metadata={"help": "do_bench time per case"})
+    smoke: bool = dataclasses.field(
+        default=False, metadata={"help": "CPU, tiny shapes: checks the script"}
+    )
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
-    ap.add_argument("--tag", default=None, help="file name stem (default estimators_<device>)")
-    ap.add_argument("--lengths", type=int, nargs="+", default=None)
-    ap.add_argument("--scorers", nargs="+", default=None, help="default: every registered one")
-    ap.add_argument("--rep-ms", type=int, default=200, help="do_bench measuring time per case")
-    ap.add_argument("--smoke", action="store_true", help="CPU, tiny shapes: checks the script")
-    args = ap.parse_args(argv)
+    args = parse_cli(Args, argv, description=__doc__, prog="benchmarks/bench_estimators.py")
 
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
     if device.type == "cpu" and not args.smoke:
@@ -216,7 +200,7 @@ def main(argv=None):
     names = args.scorers or prism.available_scorers()
     unknown = sorted(set(names) - set(prism.available_scorers()))
     if unknown:
-        ap.error(f"unknown scorers {unknown}; valid: {prism.available_scorers()}")
+        sys.exit(f"error: unknown scorers {unknown}; valid: {prism.available_scorers()}")
     scorers, skipped = build_scorers(names)
     names = list(scorers)
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine()

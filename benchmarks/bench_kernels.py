@@ -60,12 +60,12 @@ import triton  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 from torch.nn.attention.flex_attention import flex_attention  # noqa: E402
 
-from prism.kernels.block_sparse import triton_fwd  # noqa: E402
-from prism.kernels.block_sparse.naive import (  # noqa: E402
+from prism.kernels.block_sparse import (  # noqa: E402
     dense_block_maps,
     naive_block_sparse_attention,
-    random_causal_block_mask,
+    triton_fwd,
 )
+from prism.testing import random_causal_block_mask, relative_error  # noqa: E402
 
 HQ, HKV, D = 32, 8, 128
 DT = torch.bfloat16
@@ -151,8 +151,7 @@ def flash_available():
         return False
 
 
-def rel(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+rel = relative_error
 
 
 def check_correctness(log):

@@ -5,11 +5,15 @@ bf16 error; at threshold=0.9 the pre-fill is sparse (density < 1) and close to d
 pre-fill with a cached prefix runs; torch.compile(fullgraph=True) of the patched model (flex) gives
 the eager result. Prints one line per check; exits non-zero on a failure.
 
-    python benchmarks/check_hf_gpu.py
+    python benchmarks/check_hf_gpu.py [families=[llama,qwen3]] [backends=[flex,triton]]
+        [length=3000] [prefix=2000] [threshold=0.9]
+
+(omegaconf ``key=value`` overrides through :func:`prism.cli.parse_cli`; ``-h`` lists the keys.)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -17,28 +21,38 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config  # noqa: E402
-
 import prism  # noqa: E402
+from prism.cli import parse_cli  # noqa: E402
+from prism.models import tiny_model  # noqa: E402
 
-FAMILIES = {"llama": LlamaConfig, "qwen3": Qwen3Config}
+VOCAB = 1024
+
+
+@dataclasses.dataclass
+class Args:
+    families: list[str] = dataclasses.field(default_factory=lambda: ["llama", "qwen3"])
+    backends: list[str] = dataclasses.field(default_factory=lambda: ["flex", "triton"])
+    length: int = dataclasses.field(default=3000, metadata={"help": "tokens per sequence"})
+    prefix: int = dataclasses.field(
+        default=2000, metadata={"help": "cached prefix of the chunked pre-fill check"}
+    )
+    threshold: float = 0.9
+    batch: int = 2
 
 
 def tiny(family: str):
-    cfg = FAMILIES[family](
-        vocab_size=1024,
+    """A random 2-layer model, Hq=8, Hkv=2, D=64 (:func:`prism.models.tiny_model`), bf16 on CUDA."""
+    model = tiny_model(
+        family,
+        vocab_size=VOCAB,
         hidden_size=256,
         intermediate_size=512,
-        num_hidden_layers=2,
         num_attention_heads=8,
         num_key_value_heads=2,
         head_dim=64,
         max_position_embeddings=8192,
     )
-    torch.manual_seed(0)
-    return (
-        AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").cuda().bfloat16().eval()
-    )
+    return model.cuda().bfloat16().eval()
 
 
 def rel(a, b):
@@ -46,32 +60,38 @@ def rel(a, b):
 
 
 @torch.no_grad()
-def main() -> int:
+def main(argv=None) -> int:
+    args = parse_cli(Args, argv, description=__doc__, prog="benchmarks/check_hf_gpu.py")
+    if not 0 < args.prefix < args.length:
+        sys.exit(f"error: need 0 < prefix < length, got prefix={args.prefix}, length={args.length}")
     ok = True
-    ids = torch.randint(3, 1024, (2, 3000), generator=torch.Generator().manual_seed(1)).cuda()
-    for fam in FAMILIES:
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, VOCAB, (args.batch, args.length), generator=g).cuda()
+    p = args.prefix
+    for fam in args.families:
         model = tiny(fam)
         dense = model(input_ids=ids).logits
-        for backend in ("flex", "triton"):
+        for backend in args.backends:
             prism.patch_model(model, threshold=1.0, backend=backend)
             full = model(input_ids=ids).logits
             e1 = rel(full, dense)
-            prism.patch_model(model, threshold=0.9, backend=backend)
+            prism.patch_model(model, threshold=args.threshold, backend=backend)
             with prism.collect_stats(model) as st:
                 sparse = model(input_ids=ids).logits
             e2 = rel(sparse, dense)
-            out = model(input_ids=ids[:, :2000], use_cache=True)
-            nxt = model(input_ids=ids[:, 2000:], past_key_values=out.past_key_values).logits
-            e3 = rel(nxt, sparse[:, 2000:])
+            out = model(input_ids=ids[:, :p], use_cache=True)
+            nxt = model(input_ids=ids[:, p:], past_key_values=out.past_key_values).logits
+            e3 = rel(nxt, sparse[:, p:])
             good = e1 < 2e-2 and st.overall_density < 1.0 and e2 < 0.2 and e3 < 0.2
             ok &= good
             print(
-                f"{fam}/{backend}: thr1 err {e1:.2e}  thr0.9 density {st.overall_density:.3f} "
-                f"err {e2:.2e}  chunked-vs-oneshot err {e3:.2e}  {'OK' if good else 'FAIL'}",
+                f"{fam}/{backend}: thr1 err {e1:.2e}  thr{args.threshold:g} density "
+                f"{st.overall_density:.3f} err {e2:.2e}  chunked-vs-oneshot err {e3:.2e}  "
+                f"{'OK' if good else 'FAIL'}",
                 flush=True,
             )
             prism.unpatch_model(model)
-        prism.patch_model(model, threshold=0.9, backend="flex")
+        prism.patch_model(model, threshold=args.threshold, backend="flex")
         eager = model(input_ids=ids, use_cache=False).logits
         compiled = torch.compile(model, fullgraph=True)
         comp = compiled(input_ids=ids, use_cache=False).logits

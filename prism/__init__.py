@@ -21,7 +21,7 @@ def load_config(*args, **kwargs):
 
 
 __all__ = [
-    # HF integration / embedded model (lazy, transformers is optional)
+    # policy and statistics; HF integration / embedded model (lazy, transformers is optional)
     "PrismPolicy",
     "PrismStats",
     "collect_stats",
@@ -47,15 +47,16 @@ __all__ = [
 ]
 
 
-# Hugging Face integration and the embedded model, imported on first use (transformers is optional).
+# Imported on first use: the policy and the statistics (no transformers needed), the Hugging Face
+# integration and the embedded model (transformers is optional).
 _LAZY_EXPORTS = {
+    "PrismPolicy": "prism.policy",
+    "PrismStats": "prism.stats",
+    "collect_stats": "prism.stats",
     "patch_model": "prism.integrations.hf",
     "unpatch_model": "prism.integrations.hf",
     "patched": "prism.integrations.hf",
-    "collect_stats": "prism.integrations.hf",
     "prism_attention_forward": "prism.integrations.hf",
-    "PrismPolicy": "prism.integrations.hf",
-    "PrismStats": "prism.integrations.hf",
     "load_default_model": "prism.models",
 }
 

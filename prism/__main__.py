@@ -9,7 +9,8 @@ speed-up. ``--synthetic`` runs the model-free kernel demo on synthetic RoPE'd in
 
 from __future__ import annotations
 
-import argparse
+import contextlib
+import dataclasses
 import sys
 import time
 
@@ -18,41 +19,78 @@ import torch
 DEFAULT_LENGTH = 4096
 
 
+def _help(text: str):
+    return dataclasses.field(default=None, metadata={"help": text})
+
+
+@dataclasses.dataclass
+class DemoArgs:
+    """Options of the model demo (``python -m prism``)."""
+
+    synthetic: bool = dataclasses.field(
+        default=False,
+        metadata={"help": "the model-free kernel demo instead (own keys: --synthetic -h)"},
+    )
+    model: str | None = _help("a local Hugging Face model directory (default: embedded SmolLM2)")
+    length: int = dataclasses.field(default=DEFAULT_LENGTH, metadata={"help": "prompt tokens"})
+    scorer: str | None = _help("a registered scorer (default: the policy's, else prism)")
+    threshold: float | None = _help("top-p (default: the scorer's)")
+    block_size: int | None = _help("block size (default: the scorer's)")
+    backend: str | None = _help("flex (default), reference, triton")
+    config: str | None = _help("a policy YAML or name, e.g. configs/hf/default.yaml")
+    seed: int = dataclasses.field(default=0, metadata={"help": "needle prompt seed"})
+    depth: float | None = _help("needle depth in [0, 1] (default: seeded)")
+    max_new_tokens: int = 12
+    recall_layer: int | None = _help(
+        "the layer whose attention recall is measured (default: middle)"
+    )
+    dense: bool = dataclasses.field(
+        default=True, metadata={"help": "also run the dense pre-fill (--no-dense skips it)"}
+    )
+
+
+@dataclasses.dataclass
+class SyntheticArgs:
+    """Options of the model-free demo (``python -m prism --synthetic``)."""
+
+    synthetic: bool = True
+    length: int = 8192
+    scorers: list[str] = dataclasses.field(default_factory=lambda: ["meanpool", "prism"])
+    threshold: float = 0.95
+    backend: str = "flex"
+
+
+def _check_scorers(names) -> None:
+    from .scorers import available_scorers
+
+    bad = [n for n in names if n is not None and n not in available_scorers()]
+    if bad:
+        print(f"error: unknown scorer(s) {bad}; valid: {available_scorers()}", file=sys.stderr)
+        raise SystemExit(2)
+
+
 # --------------------------------------------------------------------------------------------
 # the synthetic (model-free) demo
 # --------------------------------------------------------------------------------------------
-def _dense_causal(q, k, v):
-    import torch.nn.functional as F
-
-    sq, sk = q.shape[2], k.shape[2]
-    g = q.shape[1] // k.shape[1]
-    allowed = (torch.arange(sq)[:, None] + sk - sq) >= torch.arange(sk)[None, :]
-    return F.scaled_dot_product_attention(
-        q, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1), attn_mask=allowed
-    )
-
-
 def synthetic_main(argv=None) -> None:
-    from . import available_scorers, sparse_attention
+    from . import sparse_attention
+    from .cli import parse_cli
     from .metrics import attention_recall, block_attention_mass
     from .synthetic import synthetic_qkv
+    from .testing import dense_causal_attention, relative_error
 
-    ap = argparse.ArgumentParser(
-        prog="python -m prism --synthetic",
+    args = parse_cli(
+        SyntheticArgs,
+        argv,
         description="sparse vs dense attention on synthetic long inputs (RoPE'd, text-like)",
+        prog="python -m prism --synthetic",
     )
-    ap.add_argument("--length", type=int, default=8192)
-    ap.add_argument(
-        "--scorers", nargs="+", default=["meanpool", "prism"], choices=available_scorers()
-    )
-    ap.add_argument("--threshold", type=float, default=0.95)
-    ap.add_argument("--backend", default="flex")
-    args = ap.parse_args(argv)
+    _check_scorers(args.scorers)
 
     q, k, v = synthetic_qkv(length=args.length)
     print(f"synthetic q {tuple(q.shape)}, k/v {tuple(k.shape)} (B, H, S, D), RoPE'd, fp32, CPU")
     t0 = time.perf_counter()
-    ref = _dense_causal(q, k, v)
+    ref = dense_causal_attention(q, k, v)
     t_dense = time.perf_counter() - t0
     mass = block_attention_mass(q, k)
     print(f"{'scorer':<10} {'density':>8} {'recall':>8} {'rel.err':>9} {'time s':>8}")
@@ -63,7 +101,7 @@ def synthetic_main(argv=None) -> None:
         t0 = time.perf_counter()
         out, sel = sparse_attention(q, k, v, return_selection=True, **kw)
         dt = time.perf_counter() - t0
-        err = ((out - ref).norm() / ref.norm()).item()
+        err = relative_error(out, ref)
         rec = attention_recall(mass, sel).mean().item()
         print(f"{name:<10} {sel.density:>8.3f} {rec:>8.3f} {err:>9.2e} {dt:>8.3f}")
 
@@ -71,17 +109,6 @@ def synthetic_main(argv=None) -> None:
 # --------------------------------------------------------------------------------------------
 # the model demo
 # --------------------------------------------------------------------------------------------
-def _cache_kwargs(model) -> dict:
-    """A fresh KV cache under the keyword this transformers version uses (``cache`` from 5.2x,
-    ``past_key_values`` before)."""
-    import inspect
-
-    from transformers import DynamicCache
-
-    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    return {name: DynamicCache(config=model.config), "use_cache": True}
-
-
 class _AttentionTimer:
     """Registers a timed copy of an attention function (and its mask builder) under a new name,
     so the demo can report the time spent inside attention during the pre-fill."""
@@ -103,27 +130,14 @@ class _AttentionTimer:
         AttentionInterface.register(name, timed)
         AttentionMaskInterface.register(name, mask_fn)
 
-
-def _greedy(model, input_ids: torch.Tensor, max_new_tokens: int, eos: set[int], timer=None):
-    """Pre-fill (timed) + greedy decode. Returns (new token ids, pre-fill seconds)."""
-    kw = _cache_kwargs(model)  # the cache object is filled in place
-    if timer is not None:
-        timer.on = True
-    t0 = time.perf_counter()
-    out = model(input_ids=input_ids, logits_to_keep=1, **kw)
-    prefill = time.perf_counter() - t0
-    if timer is not None:
-        timer.on = False
-    tokens: list[int] = []
-    nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-    for _ in range(max_new_tokens):
-        tok = int(nxt)
-        if tok in eos:
-            break
-        tokens.append(tok)
-        out = model(input_ids=nxt, logits_to_keep=1, **kw)
-        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-    return tokens, prefill
+    @contextlib.contextmanager
+    def timing(self):
+        """Count the attention time of the calls inside the block."""
+        self.on = True
+        try:
+            yield self
+        finally:
+            self.on = False
 
 
 def _warm_up(policy, model, input_ids: torch.Tensor) -> float:
@@ -132,6 +146,8 @@ def _warm_up(policy, model, input_ids: torch.Tensor) -> float:
     Compiled flex specialises on shapes and strides, which depend on the model family; the
     surest warm-up runs the real model with only its first sparse layer on the same input
     (attention layouts are the same in every layer)."""
+    from .models import cache_kwargs
+
     inner = getattr(model, "model", None)
     layers = getattr(inner, "layers", None)
     t0 = time.perf_counter()
@@ -139,21 +155,10 @@ def _warm_up(policy, model, input_ids: torch.Tensor) -> float:
     if isinstance(layers, torch.nn.ModuleList) and sparse:
         inner.layers = layers[sparse[0] : sparse[0] + 1]
         try:
-            model(input_ids=input_ids, logits_to_keep=1, **_cache_kwargs(model))
+            model(input_ids=input_ids, logits_to_keep=1, **cache_kwargs(model))
         finally:
             inner.layers = layers
     return time.perf_counter() - t0
-
-
-def _eos_ids(tok, model) -> set[int]:
-    ids = set()
-    for src in (getattr(model, "generation_config", None), model.config, tok):
-        e = getattr(src, "eos_token_id", None)
-        if isinstance(e, int):
-            ids.add(e)
-        elif isinstance(e, (list, tuple)):
-            ids.update(int(x) for x in e)
-    return ids
 
 
 def _build_policy(args):
@@ -185,12 +190,13 @@ def model_main(args) -> int:
         prism_mask,
         unpatch_model,
     )
-    from .models import load_default_model, load_model
+    from .models import eos_ids, greedy_decode, load_default_model, load_model
     from .needle import build_needle_prompt, check_answer
 
-    policy = _build_policy(args)  # fail on a bad flag before loading anything
+    _check_scorers([args.scorer])
+    policy = _build_policy(args)  # fail on a bad option before loading anything
     steps = ["load model", "build prompt", "dense pre-fill", "compile (one-time)", "Prism pre-fill"]
-    if args.no_dense:
+    if not args.dense:
         steps.remove("dense pre-fill")
     bar = tqdm(total=len(steps), bar_format="{desc:<34} {bar:20} {n_fmt}/{total_fmt} {elapsed}")
 
@@ -212,17 +218,18 @@ def model_main(args) -> int:
     step("building the needle prompt")
     text, answer = build_needle_prompt(tok, args.length, seed=args.seed, depth=args.depth)
     ids = tok(text, return_tensors="pt", add_special_tokens=False).input_ids
-    eos = _eos_ids(tok, model)
+    eos = eos_ids(tok, model)
     bar.update()
 
     rows = []
     with torch.no_grad():
-        if not args.no_dense:
+        if args.dense:
             step(f"dense pre-fill ({ids.shape[1]} tokens)")
             unpatch_model(model)
             timer = _AttentionTimer("prism_demo_sdpa", sdpa_attention_forward, sdpa_mask)
             model.set_attn_implementation(timer.name)
-            toks, t_dense = _greedy(model, ids, args.max_new_tokens, eos, timer)
+            g = greedy_decode(model, ids, args.max_new_tokens, eos, prefill_context=timer.timing)
+            toks, t_dense = g.tokens, g.prefill_s
             rows.append(("dense (sdpa)", tok.decode(toks), 1.0, 1.0, timer.seconds, t_dense))
             model.set_attn_implementation("sdpa")
             bar.update()
@@ -238,7 +245,8 @@ def model_main(args) -> int:
         timer = _AttentionTimer("prism_demo_timed", prism_attention_forward, prism_mask)
         model.set_attn_implementation(timer.name)  # the modules keep the Prism policy
         with collect_stats(model, recall=[rec_layer], defer_recall=True) as stats:
-            toks, t_sparse = _greedy(model, ids, args.max_new_tokens, eos, timer)
+            g = greedy_decode(model, ids, args.max_new_tokens, eos, prefill_context=timer.timing)
+            toks, t_sparse = g.tokens, g.prefill_s
         thr = policy.scorer.config.threshold
         label = f"{policy.scorer.name} @ {thr:g}"
         recall = stats.recall.get(rec_layer, float("nan"))
@@ -278,28 +286,14 @@ def model_main(args) -> int:
 
 
 def main(argv=None) -> int:
+    from .cli import parse_cli
+
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "--synthetic" in argv:
-        argv.remove("--synthetic")
+    # the two demos take different keys: --synthetic / synthetic=true picks the model-free one
+    if any(a == "--synthetic" or a.replace(" ", "").lower() == "synthetic=true" for a in argv):
         synthetic_main(argv)
         return 0
-    from .scorers import available_scorers
-
-    ap = argparse.ArgumentParser(prog="python -m prism", description=__doc__)
-    ap.add_argument("--synthetic", action="store_true", help="model-free kernel demo instead")
-    ap.add_argument("--model", default=None, help="a local Hugging Face model directory")
-    ap.add_argument("--length", type=int, default=DEFAULT_LENGTH, help="prompt tokens")
-    ap.add_argument("--scorer", default=None, choices=available_scorers())
-    ap.add_argument("--threshold", type=float, default=None, help="top-p (default: scorer's)")
-    ap.add_argument("--block-size", type=int, default=None)
-    ap.add_argument("--backend", default=None, help="flex (default), reference, triton")
-    ap.add_argument("--config", default=None, help="a policy YAML, e.g. configs/hf/default.yaml")
-    ap.add_argument("--seed", type=int, default=0, help="needle prompt seed")
-    ap.add_argument("--depth", type=float, default=None, help="needle depth in [0, 1]")
-    ap.add_argument("--max-new-tokens", type=int, default=12)
-    ap.add_argument("--recall-layer", type=int, default=None, help="default: the middle layer")
-    ap.add_argument("--no-dense", action="store_true", help="skip the dense run")
-    args = ap.parse_args(argv)
+    args = parse_cli(DemoArgs, argv, description=__doc__, prog="python -m prism")
     try:
         return model_main(args)
     except ModuleNotFoundError as exc:

@@ -19,7 +19,7 @@ import functools
 import random
 import re
 
-__all__ = ["build_needle_prompt", "check_answer", "filler_paragraphs"]
+__all__ = ["build_needle_prompt", "check_answer", "filler_paragraphs", "pydoc_text"]
 
 KEYS = (
     "amber-falcon", "silent-harbor", "crimson-meadow", "frozen-lantern", "velvet-canyon",
@@ -32,16 +32,32 @@ INTRO = (
     "I will quiz you about the magic number afterwards.\n\n"
 )
 NEEDLE = "The special magic number for {key} is: {value}."
-QUESTION = "\n\nWhat is the special magic number for {key} mentioned in the provided text?"
+# the question and answer prefix of a single-key needle (the RULER wording; also used by the
+# niah_single / niah_multikey tasks of prism.eval.tasks)
+QUESTION = "What is the special magic number for {key} mentioned in the provided text?"
 ANSWER_PREFIX = "The special magic number for {key} mentioned in the provided text is"
+
+
+def pydoc_topics() -> dict[str, str]:
+    """Python's ``pydoc_data.topics`` (the help texts of the language reference, shipped with
+    every CPython): the one real-text source of the needle prompts and of the harness corpus."""
+    from pydoc_data.topics import topics
+
+    return topics
+
+
+@functools.cache
+def pydoc_text() -> str:
+    """Every pydoc topic, stripped, in name order, joined by blank lines (≈465K characters)."""
+    topics = pydoc_topics()
+    return "\n\n".join(topics[k].strip() for k in sorted(topics))
 
 
 @functools.cache
 def filler_paragraphs() -> tuple[str, ...]:
     """Prose paragraphs of ``pydoc_data.topics`` (grammar blocks, code and headings dropped),
     each re-flowed onto one line."""
-    from pydoc_data.topics import topics
-
+    topics = pydoc_topics()
     out = []
     for name in sorted(topics):
         for block in re.split(r"\n\s*\n", topics[name]):
@@ -92,7 +108,7 @@ def build_needle_prompt(
     if chat is None:
         chat = getattr(tokenizer, "chat_template", None) is not None
     needle = NEEDLE.format(key=key, value=value)
-    question = QUESTION.format(key=key)
+    question = "\n\n" + QUESTION.format(key=key)
     prefix = ANSWER_PREFIX.format(key=key)
 
     def render(paragraphs: list[str]) -> str:

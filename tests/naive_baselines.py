@@ -2,7 +2,8 @@
 
 Written from the definitions in the scorers' docstrings (DESIGN.md §5), without any of prism's
 helpers: one (batch, head) at a time, Python loops and lists for every selection, a token-level
-mask for the vertical-slash block mapping.
+mask for the vertical-slash block mapping. Descending orders break ties by position (Python's sort
+is stable: lower index first), the documented rule of ``prism.masks.select``.
 """
 
 from __future__ import annotations

@@ -1,6 +1,8 @@
 """Plain, loop-based float64 references for the Prism and mean-pool scorers (DESIGN.md §4).
 
-Deliberately written without any of prism's helpers."""
+Deliberately written without any of prism's helpers. Ties in a descending order are broken by
+position (Python's sort is stable: lower KV block index first), the documented rule of
+``prism.masks.select``."""
 
 from __future__ import annotations
 

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 import prism
 from prism.synthetic import synthetic_qkv
+from prism.testing import dense_causal_attention
 
 CASES = [  # (B, Hq, Hkv, Sq, Sk, D)
     (2, 8, 2, 127, 127, 64),
@@ -37,15 +38,8 @@ def masked_sdpa(q, k, v, allowed):
 
 
 def dense_causal(q, k, v):
-    sq, sk = q.shape[2], k.shape[2]
-    allowed = (torch.arange(sq)[:, None] + sk - sq) >= torch.arange(sk)[None, :]
-    g = q.shape[1] // k.shape[1]
-    return F.scaled_dot_product_attention(
-        q.double(),
-        k.double().repeat_interleave(g, 1),
-        v.double().repeat_interleave(g, 1),
-        attn_mask=allowed,
-    )
+    """float64 causal SDPA with the cached prefix."""
+    return dense_causal_attention(q.double(), k.double(), v.double())
 
 
 def inputs(b, hq, hkv, sq, sk, d, seed=0, dtype=torch.float32):

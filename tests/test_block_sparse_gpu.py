@@ -21,7 +21,7 @@ from prism.kernels.block_sparse import (  # noqa: E402
     dense_block_maps,
     naive_block_sparse_attention,
 )
-from prism.kernels.block_sparse.naive import (  # noqa: E402
+from prism.testing import (  # noqa: E402
     block_mask_from_maps,
     causal_block_maps,
     random_causal_block_mask,

@@ -1,33 +1,29 @@
 """CPU tests of the Triton block-sparse attention forward (backend "triton").
 
-The kernel runs under Triton's interpreter, which must be switched on (``TRITON_INTERPRET=1``)
-before Triton is first imported in a process. Other test modules may import Triton first, and the
-variable would leak into every later test, so the interpreter cases run in ONE subprocess (this
-file executed as a script with ``--worker``) that reports a JSON line per case; each pytest case
-asserts on its line. The naive float32 reference is checked in-process against dense SDPA.
+The kernel runs in-process under Triton's interpreter, which ``conftest.py`` switches on
+(``TRITON_INTERPRET=1``) before Triton is first imported when there is no CUDA; the interpreter
+cases skip when it is not active (a CUDA machine runs ``test_block_sparse_gpu.py`` instead). Every
+case compares with the oracle (:func:`prism.kernels.reference.reference_attention`, float64),
+which is itself checked against masked SDPA built from the dense block maps.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import subprocess
-import sys
 import zlib
-from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from prism.kernels.block_sparse import block_sparse_attention, naive_block_sparse_attention
-from prism.kernels.block_sparse.naive import (
+from prism.kernels.reference import dense_block_maps, reference_attention
+from prism.testing import (
     block_mask_from_maps,
     causal_block_maps,
+    dense_causal_attention,
     random_causal_block_mask,
 )
-
-REPO = Path(__file__).resolve().parents[1]
 
 # ----------------------------------------------------------------------------------------------
 # Cases for the interpreter worker. Keep each ≤ ~2 s in the interpreter (≤ 1K tokens, fp32/fp16).
@@ -184,7 +180,8 @@ OP_CASES = (
 
 
 def build_case_mask(c: dict, gen: torch.Generator):
-    """Dense (partial, full) block maps and the BlockMask for a case."""
+    """(partial, full, block_mask) for a case: dense bool maps [Bm, Hm, NQB, NKB] and the
+    BlockMask built from them (without full lists for ``partial_only``)."""
     bs = c["bs"]
     bs_q, bs_kv = (bs, bs) if isinstance(bs, int) else bs
     Bm, Hm = c.get("mask_bh", (c["B"], c["Hq"]))
@@ -216,24 +213,43 @@ def build_case_mask(c: dict, gen: torch.Generator):
         part = torch.where(only, above, part | above)
         full = full & ~only
     bm = block_mask_from_maps(part, full, Sq, Sk, (bs_q, bs_kv), with_full_lists=with_full)
-    return bm
+    return part, full, bm
 
 
-def _run_case(name: str, c: dict, mode: str) -> dict:
-    """mode: launcher with "ptr" / "tma" / "ptr_merged" / "tma_merged" (see FULL_MODES), or
-    "op" (the public API)."""
-    from prism.kernels.block_sparse import triton_fwd
-
+def _case_inputs(name: str, c: dict):
     gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
     dt = getattr(torch, c["dtype"])
     B, Hq, Hkv, Sq, Sk, D = c["B"], c["Hq"], c["Hkv"], c["Sq"], c["Sk"], c["D"]
     q = torch.randn(B, Hq, Sq, D, generator=gen).to(dt)
     k = torch.randn(B, Hkv, Sk, D, generator=gen).to(dt)
     v = torch.randn(B, Hkv, Sk, D, generator=gen).to(dt)
-    bm = build_case_mask(c, gen)
+    part, full, bm = build_case_mask(c, gen)
+    return q, k, v, part, full, bm
+
+
+def _interpreter():
+    """The Triton launcher module, or skip: these cases need Triton's interpreter in-process."""
+    pytest.importorskip("triton")
+    from prism.kernels.block_sparse import triton_fwd
+
+    if not triton_fwd.interpreter_active():
+        pytest.skip(
+            "Triton's interpreter is not active in this process (conftest sets "
+            "TRITON_INTERPRET=1 only without CUDA; GPUs run test_block_sparse_gpu.py)"
+        )
+    return triton_fwd
+
+
+def _check_against_oracle(name: str, c: dict, mode: str) -> None:
+    """mode: launcher with "ptr" / "tma" / "ptr_merged" / "tma_merged" (see FULL_MODES), or
+    "op" (the public API)."""
+    triton_fwd = _interpreter()
+    dt = getattr(torch, c["dtype"])
+    q, k, v, _, _, bm = _case_inputs(name, c)
+    B, Hq, Sq, D = q.shape
     scale = 0.7 / math.sqrt(D)  # a non-default scale
-    ref, ref_lse = naive_block_sparse_attention(
-        q, k, v, bm, scale=scale, return_lse=True, compute_dtype=torch.float64
+    ref, ref_lse = reference_attention(
+        q, k, v, bm, scale, return_lse=True, compute_dtype=torch.float64
     )
     if mode == "op":
         out, lse = block_sparse_attention(q, k, v, bm, scale=scale, return_lse=True)
@@ -262,74 +278,20 @@ def _run_case(name: str, c: dict, mode: str) -> dict:
             out=out,
             lse=lse,
         )
+    assert out.dtype == dt and lse.dtype == torch.float32
+    assert not torch.isnan(out).any(), "NaN in out (an element the kernel never wrote?)"
+    assert not torch.isnan(lse).any(), "NaN in lse (an element the kernel never wrote?)"
     err = (out.double() - ref).abs()
     tol = (1e-5 + 1e-5 * ref.abs()) if dt == torch.float32 else (2e-3 + 2e-3 * ref.abs())
+    assert (err <= tol).all(), f"max error {err.max().item():.3e} beyond tolerance"
     fin = torch.isfinite(ref_lse)
-    lse_err = (lse.double() - ref_lse)[fin].abs().max().item() if fin.any() else 0.0
+    if fin.any():
+        lse_err = (lse.double() - ref_lse)[fin].abs().max().item()
+        assert lse_err < (1e-5 if dt == torch.float32 else 1e-3), lse_err
     empty = ~fin
-    return dict(
-        name=name,
-        mode=mode,
-        out_dtype=str(out.dtype),
-        nan=bool(torch.isnan(out).any() or torch.isnan(lse).any()),
-        max_err=err.max().item(),
-        within_tol=bool((err <= tol).all()),
-        lse_err=lse_err,
-        empty_rows=int(empty.sum()),
-        empty_rows_zero=bool((out[empty] == 0).all()) and bool(torch.isneginf(lse[empty]).all()),
-    )
-
-
-def _worker() -> None:
-    from prism.kernels.block_sparse import triton_fwd
-
-    assert triton_fwd.interpreter_active(), "worker started without TRITON_INTERPRET=1"
-    jobs = [(n, m) for m in FULL_MODES for n in CASES]
-    jobs += [(n, m) for m in SUBSET_MODES for n in SUBSET_CASES]
-    jobs += [(n, "op") for n in OP_CASES]
-    for name, mode in jobs:
-        try:
-            res = _run_case(name, CASES[name], mode)
-        except Exception as e:  # report, do not die: the other cases still run
-            res = dict(name=name, mode=mode, error=f"{type(e).__name__}: {e}")
-        print("RESULT " + json.dumps(res), flush=True)
-
-
-@pytest.fixture(scope="module")
-def interp_results():
-    pytest.importorskip("triton")
-    env = dict(
-        os.environ,
-        TRITON_INTERPRET="1",
-        PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-    )
-    proc = subprocess.run(
-        [sys.executable, __file__, "--worker"],
-        env=env,
-        cwd=str(REPO),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    results = {}
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            r = json.loads(line[7:])
-            results[(r["name"], r["mode"])] = r
-    if not results:
-        pytest.fail(
-            f"interpreter worker produced no results (rc={proc.returncode}):\n{proc.stderr[-4000:]}"
-        )
-    return results
-
-
-def _check(r: dict, dtype: str):
-    assert "error" not in r, r.get("error")
-    assert not r["nan"], f"NaN in output/lse (unwritten element?): {r}"
-    assert r["within_tol"], f"max error {r['max_err']:.3e} beyond tolerance: {r}"
-    assert r["lse_err"] < (1e-5 if dtype == "float32" else 1e-3), r
-    assert r["empty_rows_zero"], r
-    assert r["out_dtype"] == f"torch.{dtype}"
+    assert (out[empty] == 0).all() and torch.isneginf(lse[empty]).all()
+    if c["kind"] in ("empty_rows", "above_only"):
+        assert empty.any()
 
 
 @pytest.mark.parametrize(
@@ -337,20 +299,17 @@ def _check(r: dict, dtype: str):
     [(n, m) for m in FULL_MODES for n in CASES]
     + [(n, m) for m in SUBSET_MODES for n in SUBSET_CASES],
 )
-def test_interpreter_kernel_vs_naive(interp_results, name, mode):
-    r = interp_results[(name, mode)]
-    _check(r, CASES[name]["dtype"])
-    if CASES[name]["kind"] in ("empty_rows", "above_only"):
-        assert r["empty_rows"] > 0
+def test_interpreter_kernel_vs_oracle(name, mode):
+    _check_against_oracle(name, CASES[name], mode)
 
 
 @pytest.mark.parametrize("name", OP_CASES)
-def test_interpreter_public_op_vs_naive(interp_results, name):
-    _check(interp_results[(name, "op")], CASES[name]["dtype"])
+def test_interpreter_public_op_vs_oracle(name):
+    _check_against_oracle(name, CASES[name], "op")
 
 
 # ----------------------------------------------------------------------------------------------
-# In-process tests (no interpreter): reference, fallback op path, validation, compile tracing.
+# The oracle itself, the fallback op path, validation, compile tracing.
 # ----------------------------------------------------------------------------------------------
 
 
@@ -363,8 +322,82 @@ def _qkv(B, Hq, Hkv, Sq, Sk, D, dtype=torch.float32, seed=0):
     )
 
 
+def _masked_sdpa_from_maps(q, k, v, part, full, bs_q, bs_kv, scale):
+    """float64 SDPA with the token mask written out from the dense block maps (not the lists)."""
+    B, Hq, Sq, _ = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    qb = torch.arange(Sq) // bs_q
+    kb = torch.arange(Sk) // bs_kv
+    part = part.expand(B, Hq, *part.shape[2:])[:, :, qb][..., kb]
+    full = full.expand(B, Hq, *full.shape[2:])[:, :, qb][..., kb]
+    causal = torch.arange(Sq)[:, None] + (Sk - Sq) >= torch.arange(Sk)[None, :]
+    allowed = full | (part & causal)
+    g = Hq // Hkv
+    kk, vv = k.double().repeat_interleave(g, 1), v.double().repeat_interleave(g, 1)
+    s = torch.einsum("bhqd,bhkd->bhqk", q.double(), kk) * scale
+    p = s.masked_fill(~allowed, float("-inf")).softmax(-1).nan_to_num(0.0)  # empty rows -> 0
+    return torch.einsum("bhqk,bhkd->bhqd", p, vv)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "fp32_ragged127_d64",
+        "fp16_partial_only",
+        "fp16_full_only",
+        "fp16_empty_rows",
+        "fp32_above_only",
+        "fp16_mask_broadcast_b1h1",
+        "fp16_block_128x64",
+        "fp16_prefix_ragged",
+    ],
+)
+def test_oracle_matches_masked_sdpa(name):
+    c = CASES[name]
+    q, k, v, part, full, bm = _case_inputs(name, c)
+    q, k, v = q.double(), k.double(), v.double()
+    bs_q, bs_kv = bm.BLOCK_SIZE
+    scale = 0.7 / math.sqrt(q.shape[-1])
+    want = _masked_sdpa_from_maps(q, k, v, part, full, bs_q, bs_kv, scale)
+    for chunk in (None, 37):  # one step, and steps that cut query blocks
+        out, lse = reference_attention(q, k, v, bm, scale, chunk, return_lse=True)
+        assert out.dtype == torch.float64 and lse.dtype == torch.float64
+        torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-10)
+    empty = torch.isneginf(lse)
+    assert (out[empty] == 0).all()
+    # the float32 alias: same numbers in float32
+    out32 = naive_block_sparse_attention(q.float(), k.float(), v.float(), bm, scale)
+    assert out32.dtype == torch.float32
+    torch.testing.assert_close(out32.double(), want, rtol=1e-4, atol=1e-4)
+
+
+def test_oracle_accepts_narrow_index_lists():
+    """Index lists narrower than NKB (only the first ``num`` entries are read) give the same maps."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    q, k, v = _qkv(1, 2, 1, 300, 300, 64, torch.float64)
+    bm, _ = random_causal_block_mask(1, 2, 300, 300, 64, 0.5, torch.Generator().manual_seed(7))
+    w = max(int(bm.kv_num_blocks.max()), int(bm.full_kv_num_blocks.max()))
+    assert w < bm.kv_indices.shape[-1]
+    narrow = BlockMask.from_kv_blocks(
+        bm.kv_num_blocks,
+        bm.kv_indices[..., :w].contiguous(),
+        bm.full_kv_num_blocks,
+        bm.full_kv_indices[..., :w].contiguous(),
+        BLOCK_SIZE=64,
+        mask_mod=bm.mask_mod,
+        seq_lengths=(300, 300),
+        compute_q_blocks=False,
+    )
+    for a, b in zip(dense_block_maps(narrow), dense_block_maps(bm)):
+        assert torch.equal(a, b)
+    torch.testing.assert_close(
+        reference_attention(q, k, v, narrow), reference_attention(q, k, v, bm)
+    )
+
+
 @pytest.mark.parametrize("Sq,Sk,bs", [(300, 300, 128), (200, 500, 64), (256, 512, 128)])
-def test_naive_dense_equals_causal_sdpa(Sq, Sk, bs):
+def test_oracle_dense_equals_causal_sdpa(Sq, Sk, bs):
     B, Hq, Hkv, D = 2, 4, 2, 64
     q, k, v = _qkv(B, Hq, Hkv, Sq, Sk, D, torch.float64)
     vis, diag = causal_block_maps(Sq, Sk, bs)
@@ -372,10 +405,11 @@ def test_naive_dense_equals_causal_sdpa(Sq, Sk, bs):
     bm = block_mask_from_maps(diag.expand(shape), (vis & ~diag).expand(shape), Sq, Sk, bs)
     out = naive_block_sparse_attention(q, k, v, bm, compute_dtype=torch.float64)
     allowed = torch.arange(Sq)[:, None] + (Sk - Sq) >= torch.arange(Sk)[None, :]
-    ref = torch.nn.functional.scaled_dot_product_attention(
+    ref = F.scaled_dot_product_attention(
         q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), attn_mask=allowed
     )
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(dense_causal_attention(q, k, v), ref, rtol=1e-12, atol=1e-12)
 
 
 def test_random_mask_density_and_diagonal():
@@ -383,25 +417,25 @@ def test_random_mask_density_and_diagonal():
         1, 2, 1024, 1024, 128, 0.3, torch.Generator().manual_seed(1)
     )
     assert 0.15 < dens < 0.45
-    from prism.kernels.block_sparse import dense_block_maps
-
     part, full = dense_block_maps(bm)
     assert torch.equal(part[0, 0], torch.eye(8, dtype=torch.bool))  # the diagonal, partial
     assert not (part & full).any()
 
 
-def test_op_cpu_fallback_matches_naive():
-    """Without the interpreter the op runs the naive path (documented CPU fallback)."""
-    from prism.kernels.block_sparse.triton_fwd import interpreter_active
+def test_op_cpu_fallback_matches_masked_sdpa(monkeypatch):
+    """Without the interpreter (forced here) the op runs the float32 oracle (documented CPU
+    fallback), cast back to the input dtype."""
+    from prism.kernels.block_sparse import op
 
-    if interpreter_active():
-        pytest.skip("interpreter active in this process: the op would run the kernel")
+    monkeypatch.setattr(op, "_use_triton", lambda device: False)
     q, k, v = _qkv(2, 4, 2, 200, 260, 64, torch.float16)
     bm, _ = random_causal_block_mask(2, 4, 200, 260, 64, 0.5, torch.Generator().manual_seed(2))
+    part, full = dense_block_maps(bm)
     out, lse = block_sparse_attention(q, k, v, bm, return_lse=True)
-    ref, rlse = naive_block_sparse_attention(q, k, v, bm, return_lse=True)
     assert out.dtype == torch.float16 and out.shape == q.shape and lse.dtype == torch.float32
-    torch.testing.assert_close(out.float(), ref, rtol=2e-3, atol=2e-3)
+    want = _masked_sdpa_from_maps(q, k, v, part, full, 64, 64, 64**-0.5)
+    torch.testing.assert_close(out.double(), want, rtol=2e-3, atol=2e-3)
+    _, rlse = reference_attention(q, k, v, bm, return_lse=True)
     torch.testing.assert_close(lse, rlse)
 
 
@@ -414,7 +448,7 @@ def test_compile_fullgraph_traces_op():
         return block_sparse_attention(q, k, v, bm, return_lse=True)
 
     out, lse = torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v)
-    ref, rlse = naive_block_sparse_attention(q, k, v, bm, return_lse=True)
+    ref, rlse = reference_attention(q, k, v, bm, return_lse=True)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(lse, rlse, rtol=1e-4, atol=1e-4)
 
@@ -484,7 +518,3 @@ def test_validation_errors():
         block_sparse_attention(q, k, v, bm, scale=-0.1)
     with pytest.raises(ValueError, match="k and v"):
         block_sparse_attention(q, k, v[:, :, :64], bm)
-
-
-if __name__ == "__main__" and "--worker" in sys.argv:
-    _worker()

@@ -46,3 +46,21 @@ def test_scorer_config_rejects_unknown_scorer(tmp_path: Path):
     p = tmp_path / "x.yaml"
     p.write_text("scorer: meanpool\nthreshold: 0.5\n")
     assert prism.build_scorer(load_config(p)).config.threshold == 0.5
+
+
+def test_configs_live_in_the_package_and_names_resolve_from_any_cwd(tmp_path, monkeypatch):
+    import yaml
+
+    assert CONFIG_DIR == Path(prism.__file__).resolve().parent / "configs"
+    groups = {p.name for p in CONFIG_DIR.iterdir() if p.is_dir()}
+    assert groups >= {"scorers", "policies", "hf", "experiments"}
+    monkeypatch.chdir(tmp_path)  # no configs/ folder here: every name must come from the package
+    by_file = yaml.safe_load((CONFIG_DIR / "hf" / "smollm2.yaml").read_text())
+    for name in ("hf/smollm2", "hf/smollm2.yaml", "configs/hf/smollm2.yaml"):
+        assert load_config(name) == by_file
+    assert load_config("prism") == yaml.safe_load((CONFIG_DIR / "scorers/prism.yaml").read_text())
+    # a file in the working directory wins over a shipped config of the same name
+    (tmp_path / "prism").write_text("scorer: meanpool\n")
+    assert load_config("prism") == {"scorer": "meanpool"}
+    with pytest.raises(FileNotFoundError, match="shipped configs"):
+        load_config("no_such_config")

@@ -32,10 +32,17 @@ def test_dense_window_nll_matches_the_model_loss(model_tokens):
     assert r["nll_sum"] == pytest.approx(_manual_nll(model, ids), rel=1e-5)
 
 
-@pytest.mark.parametrize("scorer", ["prism", "meanpool", "xattn"])
-def test_threshold_one_equals_dense(model_tokens, scorer):
+@pytest.fixture(scope="module")
+def dense_512(model_tokens):
+    """The dense perplexity of two 512-token windows (computed once for the parametrised test)."""
     model, toks = model_tokens
-    dense = perplexity(model, toks, 512, count=2, tail=0.5)
+    return perplexity(model, toks, 512, count=2, tail=0.5)
+
+
+@pytest.mark.parametrize("scorer", ["prism", "meanpool", "xattn"])
+def test_threshold_one_equals_dense(model_tokens, dense_512, scorer):
+    model, toks = model_tokens
+    dense = dense_512
     sparse = perplexity(
         model,
         toks,
@@ -113,3 +120,32 @@ def test_yarn_rope_scaling_option():
     assert not torch.allclose(rot.inv_freq, before)  # low frequencies interpolated
     scaled = window_nll(model, ids)["nll_sum"]
     assert math.isfinite(scaled) and scaled != pytest.approx(dense, rel=1e-7)
+
+
+def test_greedy_decode_stops_and_times_only_the_prefill(model_tokens):
+    from prism.models import greedy_decode
+
+    model, toks = model_tokens
+    ids = toks[:200][None]
+    free = greedy_decode(model, ids, 5)
+    forwards = []
+    hook = model.register_forward_pre_hook(
+        lambda m, a, kw: forwards.append(kw["input_ids"].shape[1]), with_kwargs=True
+    )
+    entered = []
+
+    class Ctx:
+        def __enter__(self):
+            entered.append(len(forwards))
+
+        def __exit__(self, *exc):
+            entered.append(len(forwards))
+
+    try:
+        stopped = greedy_decode(model, ids, 5, stop_ids=[free.tokens[2]], prefill_context=Ctx)
+    finally:
+        hook.remove()
+    first_stop = free.tokens.index(free.tokens[2])
+    assert stopped.tokens == free.tokens[:first_stop]  # the stop token itself is not kept
+    assert entered == [0, 1] and forwards[0] == 200  # the context wraps the pre-fill alone
+    assert all(n == 1 for n in forwards[1:]) and stopped.prefill_s > 0

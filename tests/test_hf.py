@@ -1,16 +1,15 @@
 """Hugging Face integration on tiny random models (Llama, Qwen2, Qwen3, Mistral; built offline).
 
-Block size 64 and a few hundred tokens keep them fast. Every tiny model shares the attention
-shapes (Hq=4, Hkv=2, D=32) so the compiled flex kernel is reused across tests; tests about the
-integration rather than the kernel use the fp32 "reference" backend (no compilation). Random weights
-give nearly uniform block scores, so densities stay high here (the real-model test in
-test_default_model.py sees real sparsity); the tests check exactness and that the sparse path
-really runs.
+Tests about exactness use threshold 1.0 (must equal SDPA). Tests about sparsity use block size 32
+and threshold 0.3 on a few hundred tokens: random weights give nearly uniform block scores, and
+these settings select ~60% of the causal blocks (asserted < 0.7). Those are checked against
+:class:`_tiny_models.OracleAttention`, an unpatched model whose attention makes the scorer's
+selection and applies it as a float64 token mask (nothing of Prism but the scorer). Tests about
+the integration rather than the kernel use the fp32 "reference" backend (no compilation).
 """
 
 from __future__ import annotations
 
-import inspect
 import warnings
 
 import pytest
@@ -19,68 +18,42 @@ import torch
 pytest.importorskip("transformers")
 
 import transformers  # noqa: E402
-from transformers import (  # noqa: E402
-    AutoModelForCausalLM,
-    DynamicCache,
-    LlamaConfig,
-    MistralConfig,
-    Qwen2Config,
-    Qwen3Config,
+from _tiny_models import (  # noqa: E402
+    FAMILIES,
+    cache_kw,
+    ids_of,
+    logits,
+    oracle_run,
+    rel_err,
+    tiny_model,
 )
+from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config  # noqa: E402
 
 import prism  # noqa: E402
 from prism.integrations import hf  # noqa: E402
+from prism.integrations.hf import attention as hf_attention  # noqa: E402
+from prism.policy import reset_default_policy  # noqa: E402
 from prism.utils import patch as seed_patch  # noqa: E402
 
-BS = 64
+BS = 64  # exactness tests
+SPARSE = {"threshold": 0.3, "block_size": 32}  # sparsity tests: density ~0.6
+MAX_DENSITY = 0.7
 REF = "reference"  # the fp32 oracle backend, for tests about the integration rather than flex
-CONFIGS = {
-    "llama": LlamaConfig,
-    "qwen2": Qwen2Config,
-    "qwen3": Qwen3Config,
-    "mistral": MistralConfig,
-}
 
 
-def tiny_model(family: str = "llama", seed: int = 0, layers: int = 2, **cfg_kw):
-    cfg = CONFIGS[family](
-        vocab_size=512,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=32,
-        max_position_embeddings=4096,
-        **cfg_kw,
-    )
-    torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
+def sparse_scorer(**kw):
+    return prism.build_scorer("prism", **{**SPARSE, **kw})
 
 
-def ids_of(n: int, batch: int = 1, seed: int = 1) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, 512, (batch, n), generator=g)
-
-
-def logits(model, ids, **kw):
-    with torch.no_grad():
-        return model(input_ids=ids, **kw).logits
-
-
-def cache_kw(model) -> dict:
-    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    return {name: DynamicCache(config=model.config), "use_cache": True}
-
-
-def rel_err(a, b) -> float:
-    return float((a - b).norm() / b.norm())
+def oracle_logits(model, ids, **kw):
+    """(logits, oracle) of ``model`` with :class:`OracleAttention` over the SPARSE scorer."""
+    return oracle_run(model, sparse_scorer(), lambda m: logits(m, ids, **kw))
 
 
 # ------------------------------------------------------------------------------------------
 # exactness at threshold 1.0, sparsity below it
 # ------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("family", list(CONFIGS))
+@pytest.mark.parametrize("family", FAMILIES)
 def test_threshold_one_equals_sdpa(family):
     model = tiny_model(family)
     ids = ids_of(320)  # 5 blocks
@@ -93,32 +66,55 @@ def test_threshold_one_equals_sdpa(family):
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("family", list(CONFIGS))
-def test_sparse_differs_a_little(family):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sparse_equals_the_oracle_model(family):
+    """Really sparse (density < 0.7) and exact: the patched model (flex backend) gives the
+    oracle model's logits, density and recall, and is far from dense."""
     model = tiny_model(family)
-    ids = ids_of(640)  # 10 blocks
-    ref = logits(model, ids)
-    prism.patch_model(model, threshold=0.9, block_size=BS)
+    ids = ids_of(512)  # 16 blocks of 32
+    dense = logits(model, ids)
+    ref, oracle = oracle_logits(model, ids)
+    prism.patch_model(model, backend="flex", **SPARSE)
     with prism.collect_stats(model, recall=True) as st:
         out = logits(model, ids)
-    # measured (seeded): density 0.995-0.998, recall >= 0.995, relative logits error ~0.5%,
-    # 99.5-99.8% of the positions keep their argmax token, in all four families
-    assert st.overall_density < 1.0
-    assert all(r > 0.95 for r in st.recall.values()), st.summary()
-    err = rel_err(out, ref)
-    assert 1e-4 < err < 0.02, err
-    agree = (out.argmax(-1) == ref.argmax(-1)).float().mean()
-    assert agree > 0.95
+    assert set(st.density) == {0, 1}
+    for layer, density in st.density.items():
+        assert density < MAX_DENSITY, st.summary()
+        assert density == pytest.approx(oracle.density(layer), abs=1e-12)
+        assert st.recall[layer] == pytest.approx(oracle.recall(layer), abs=1e-5)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+    assert rel_err(ref, dense) > 0.02  # the comparison can tell sparse from dense
 
 
 def test_backends_agree_inside_the_model():
     model = tiny_model("qwen3")
     ids = ids_of(448)
-    prism.patch_model(model, threshold=0.9, block_size=BS, backend="flex")
-    a = logits(model, ids)
-    prism.patch_model(model, threshold=0.9, block_size=BS, backend="reference")
+    prism.patch_model(model, backend="flex", **SPARSE)
+    with prism.collect_stats(model) as st:
+        a = logits(model, ids)
+    assert st.overall_density < MAX_DENSITY
+    prism.patch_model(model, backend="reference", **SPARSE)
     b = logits(model, ids)
-    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_stats_batch_of_two_is_the_mean_of_the_rows():
+    """Two equal-length rows in one batch: each layer's density is the mean of the densities
+    the oracle counts for each row alone, and every row's logits are those of the row alone."""
+    model = tiny_model("llama")
+    ids = ids_of(448, batch=2, seed=5)
+    prism.patch_model(model, backend=REF, **SPARSE)
+    with prism.collect_stats(model) as st:
+        out = logits(model, ids)
+    rows = [oracle_logits(model, ids[r : r + 1]) for r in range(2)]
+    for layer in (0, 1):
+        per_row = [oracle.density(layer) for _, oracle in rows]
+        assert per_row[0] != per_row[1]  # the mean is not trivially either row
+        assert st.density[layer] == pytest.approx(sum(per_row) / 2, abs=1e-12)
+        assert st.density[layer] < MAX_DENSITY
+        assert st.layers[layer].sparse_calls == 1
+    for r, (ref, _) in enumerate(rows):
+        torch.testing.assert_close(out[r : r + 1], ref, atol=1e-5, rtol=1e-4)
 
 
 # ------------------------------------------------------------------------------------------
@@ -127,21 +123,31 @@ def test_backends_agree_inside_the_model():
 def test_generate_prefill_sparse_decode_dense():
     model = tiny_model("llama")
     ids = ids_of(384)
+    gen = {"max_new_tokens": 6, "min_new_tokens": 6, "do_sample": False}
     with torch.no_grad():
-        ref = model.generate(ids, max_new_tokens=6, do_sample=False, min_new_tokens=6)
+        ref = model.generate(ids, **gen)
     prism.patch_model(model, threshold=1.0, block_size=BS)
     with prism.collect_stats(model) as st, torch.no_grad():
-        out = model.generate(ids, max_new_tokens=6, do_sample=False, min_new_tokens=6)
+        out = model.generate(ids, **gen)
     assert torch.equal(out, ref)
     for layer in (0, 1):
         s = st.layers[layer]
         assert s.sparse_calls == 1  # the pre-fill
         assert s.dense_calls == {"decode": 5}  # every decode step
 
-    prism.patch_model(model, threshold=0.5, block_size=BS)
+    # sparse pre-fill, dense decode: the oracle model's tokens and logits (it decodes densely)
+    gen.update(output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        dense = model.generate(ids, **gen)
+        expected, _ = oracle_run(model, sparse_scorer(), lambda m: m.generate(ids, **gen))
+    prism.patch_model(model, backend=REF, **SPARSE)
     with prism.collect_stats(model) as st, torch.no_grad():
-        out = model.generate(ids, max_new_tokens=4, do_sample=False)
-    assert out.shape[1] > ids.shape[1] and st.overall_density < 1.0
+        out = model.generate(ids, **gen)
+    assert st.overall_density < MAX_DENSITY
+    assert torch.equal(out.sequences, expected.sequences)
+    for step, (got, want) in enumerate(zip(out.logits, expected.logits)):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+        assert rel_err(want, dense.logits[step]) > 1e-3  # the sparse pre-fill shows in every step
 
 
 def test_short_prompt_runs_dense_exactly():
@@ -174,39 +180,29 @@ def test_chunked_prefill_equals_one_shot(split):
     torch.testing.assert_close(torch.cat([first, second], 1), ref, atol=2e-5, rtol=1e-4)
 
 
-def test_chunked_prefill_sparse_uses_the_prefix_offset():
-    """Below 1.0 the second chunk runs sparse over the whole cache (Sk = P + Sq): its attention
-    equals the fp32 reference of the same selection made with the cached-prefix geometry."""
+@pytest.mark.parametrize("split", [192, 250])
+def test_chunked_prefill_sparse_uses_the_prefix_offset(split):
+    """Below 1.0 the second chunk runs sparse over the whole cache (Sk = P + Sq, the prefix a
+    block multiple or not): both chunks equal the oracle model's chunks, which select with the
+    cached-prefix geometry, and the density is the oracle's."""
     model = tiny_model("llama")
     ids = ids_of(448)
-    prism.patch_model(model, threshold=0.8, block_size=BS, backend="flex")
-    calls = []
-    orig = hf._sparse
 
-    def capture(policy, scorer, q, k, v, scaling):
-        out, sel = orig(policy, scorer, q, k, v, scaling)
-        calls.append((q, k, v, scaling, out, sel))
-        return out, sel
+    def chunks(m):
+        kw = cache_kw(m)
+        return torch.cat([logits(m, ids[:, :split], **kw), logits(m, ids[:, split:], **kw)], 1)
 
-    kw = cache_kw(model)
-    with torch.no_grad():
-        model(input_ids=ids[:, :250], **kw)
-        hf._sparse = capture
-        try:
-            model(input_ids=ids[:, 250:], **kw)
-        finally:
-            hf._sparse = orig
-    assert len(calls) == 2  # one per layer
-    for q, k, v, scaling, out, sel in calls:
-        assert q.shape[2] == 198 and k.shape[2] == 448  # P = 250, not a block multiple
-        assert (sel.q_len, sel.kv_len) == (198, 448) and sel.density < 1.0
-        ref = prism.sparse_attention(
-            q, k, v, scorer="prism", backend="reference", threshold=0.8, block_size=BS,
-            scale=scaling,
-        )  # fmt: skip
-        dense = prism.sparse_attention(q, k, v, scorer="dense", block_size=BS, scale=scaling)
-        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
-        assert rel_err(ref, dense) > 1e-4  # the comparison can tell sparse from dense
+    dense = logits(model, ids)
+    ref, oracle = oracle_run(model, sparse_scorer(), chunks)
+    prism.patch_model(model, backend="flex", **SPARSE)
+    with prism.collect_stats(model) as st:
+        out = chunks(model)
+    for layer in (0, 1):
+        assert st.layers[layer].sparse_calls == 2
+        assert st.density[layer] == pytest.approx(oracle.density(layer), abs=1e-12)
+        assert st.density[layer] < MAX_DENSITY
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+    assert rel_err(ref, dense) > 0.02
 
 
 def _padded_batch(lengths, total):
@@ -232,15 +228,25 @@ def test_padded_batch_threshold_one_matches_sdpa():
 
 
 def test_padded_rows_run_sparse_like_unpadded_sequences():
+    """Left padding, eager: every row runs sparse on its own span as if alone, so each row's
+    logits and block counts are those of the oracle model on the unpadded row."""
+    lengths, total = [448, 330], 448
     model = tiny_model("qwen3")
-    ids, mask = _padded_batch([448, 330], 448)
-    prism.patch_model(model, threshold=0.8, block_size=BS, backend=REF)
+    ids, mask = _padded_batch(lengths, total)
+    prism.patch_model(model, backend=REF, **SPARSE)
     with prism.collect_stats(model) as st:
         out = logits(model, ids, attention_mask=mask)
-    assert st.overall_density < 1.0
-    for r, n in enumerate([448, 330]):
-        alone = logits(model, ids[r : r + 1, 448 - n :])
-        torch.testing.assert_close(out[r : r + 1, 448 - n :], alone, atol=1e-4, rtol=1e-4)
+    oracles = []
+    for r, n in enumerate(lengths):
+        alone, oracle = oracle_logits(model, ids[r : r + 1, total - n :])
+        torch.testing.assert_close(out[r : r + 1, total - n :], alone, atol=1e-4, rtol=1e-4)
+        oracles.append(oracle)
+    for layer in (0, 1):
+        s = st.layers[layer]
+        assert (s.calls, s.sparse_calls) == (1, 1)
+        assert s.selected_blocks == sum(o.selected[layer] for o in oracles)
+        assert s.causal_blocks == sum(o.causal[layer] for o in oracles)
+        assert s.density < MAX_DENSITY
 
 
 def test_padding_dense_fallback_warns_once_and_is_exact():
@@ -266,30 +272,45 @@ def test_unpadded_attention_mask_stays_sparse():
     assert st.layers[0].sparse_calls == 1
 
 
-def test_sliding_window_mask_runs_sparse_exactly():
-    """A binding sliding window (Mistral, window 128 < 320 tokens) reaches Prism as an explicit
-    mask of one key span per row: it runs sparse (flex, span mask_mod) and stays exact."""
-    model = tiny_model("mistral", sliding_window=128)
+def _span_case(kind):
+    """(model, ids, forward kwargs) whose attention reaches Prism as an explicit mask of one key
+    span per query row: a binding sliding window (Mistral, window 128 < 320 tokens) or two
+    packed documents in one row."""
     ids = ids_of(320)
-    ref = logits(model, ids)
+    if kind == "window":
+        return tiny_model("mistral", sliding_window=128), ids, {}
+    pos = torch.cat([torch.arange(200), torch.arange(120)])[None]
+    return tiny_model("llama"), ids, {"position_ids": pos}
+
+
+@pytest.mark.parametrize("kind", ["window", "packed"])
+def test_span_masks_run_sparse_exactly(kind):
+    """Threshold 1.0 on a span mask: the flex span path runs and equals SDPA with the mask."""
+    model, ids, kw = _span_case(kind)
+    ref = logits(model, ids, **kw)
+    unmasked = logits(tiny_model("mistral"), ids) if kind == "window" else logits(model, ids)
+    assert rel_err(ref, unmasked) > 1e-3  # the mask changes the result
     prism.patch_model(model, threshold=1.0, block_size=BS)
     with prism.collect_stats(model) as st:
-        out = logits(model, ids)
+        out = logits(model, ids, **kw)
     assert st.layers[0].sparse_calls == 1
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
 
 
-def test_packed_sequences_run_sparse_exactly():
-    model = tiny_model("llama")
-    ids = ids_of(320)
-    pos = torch.cat([torch.arange(200), torch.arange(120)])[None]  # two documents, one row
-    ref = logits(model, ids, position_ids=pos)
-    assert rel_err(ref, logits(model, ids)) > 1e-3  # packing changes the result
-    prism.patch_model(model, threshold=1.0, block_size=BS)
+@pytest.mark.parametrize("kind", ["window", "packed"])
+def test_span_masks_run_sparse_like_the_oracle(kind):
+    """Below 1.0 the span path selects on the whole row and masks every selected block to the
+    row's span: the oracle model (selection AND the model's mask) gives the same logits."""
+    model, ids, kw = _span_case(kind)
+    ref, oracle = oracle_logits(model, ids, **kw)
+    prism.patch_model(model, backend="flex", **SPARSE)
     with prism.collect_stats(model) as st:
-        out = logits(model, ids, position_ids=pos)
-    assert st.layers[0].sparse_calls == 1
-    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+        out = logits(model, ids, **kw)
+    for layer in (0, 1):
+        assert st.layers[layer].sparse_calls == 1
+        assert st.density[layer] == pytest.approx(oracle.density(layer), abs=1e-12)
+        assert st.density[layer] < MAX_DENSITY
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
 
 
 # ------------------------------------------------------------------------------------------
@@ -300,16 +321,15 @@ def test_per_layer_control():
     ids = ids_of(512)
     prism.patch_model(
         model,
-        threshold=0.7,
-        block_size=BS,
         backend=REF,
         dense_layers=1,
         layers={2: {"threshold": 1.0}},
+        **SPARSE,
     )
     with prism.collect_stats(model) as st:
         logits(model, ids)
     assert st.layers[0].dense_calls == {"dense_layer": 1}
-    assert st.density[1] < 1.0 and st.density[2] == 1.0
+    assert st.density[1] < MAX_DENSITY and st.density[2] == 1.0
     pol = hf.get_policy(model)
     assert pol.scorer_for(0) is None and pol.scorer_for(7) is pol.scorer
 
@@ -374,12 +394,16 @@ def test_repatch_replaces_policy_and_unpatch_restores():
 
 def test_stats_are_off_by_default_and_recall_can_be_deferred():
     model = tiny_model("llama")
-    prism.patch_model(model, threshold=0.8, block_size=BS, backend=REF)
+    ids = ids_of(384)
+    _, oracle = oracle_logits(model, ids)
+    prism.patch_model(model, backend=REF, **SPARSE)
     assert hf.get_policy(model).stats is None
     with prism.collect_stats(model, recall=[1], defer_recall=True) as st:
-        logits(model, ids_of(384))
-        assert len(st._pending) == 1
-    assert set(st.recall) == {1} and 0.0 < st.recall[1] <= 1.0
+        logits(model, ids)
+        assert st.pending_recalls == 1 and not st.layers[1].recall_calls  # not computed yet
+    assert set(st.recall) == {1}
+    assert st.recall[1] == pytest.approx(oracle.recall(1), abs=1e-5)
+    assert st.recall[1] < 0.9  # a sparse selection misses some of the mass
     assert "density" in st.summary() and hf.get_policy(model).stats is None
 
 
@@ -396,12 +420,12 @@ def test_attn_implementation_prism_from_pretrained(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="prism").eval()
     assert model.config._attn_implementation == "prism"
     try:
-        hf.set_default_policy(threshold=0.5, block_size=BS, backend=REF)
+        hf.set_default_policy(backend=REF, **SPARSE)
         with prism.collect_stats() as st:
             logits(model, ids_of(320))
-        assert st.overall_density < 1.0
+        assert st.overall_density < MAX_DENSITY
     finally:
-        hf._DEFAULT_POLICY = None
+        reset_default_policy()
 
 
 def test_apply_patch_seed_usage(tmp_path):
@@ -439,7 +463,7 @@ def test_apply_patch_seed_usage(tmp_path):
         )
     finally:
         remove_patch()
-        hf._DEFAULT_POLICY = None
+        reset_default_policy()
     assert (
         AutoModelForCausalLM.from_pretrained(tmp_path / "qwen3").config._attn_implementation
         == "sdpa"
@@ -466,6 +490,21 @@ def test_resolve_model_type_unknown_name_says_what_to_pass():
     with pytest.raises(ValueError, match="local model directory"):
         seed_patch.resolve_model_type("someone/SmolThing-135M")
     assert seed_patch.resolve_model_type(Qwen2Config()) == "qwen2"
+
+
+def test_old_and_new_import_paths():
+    import prism.policy
+    import prism.stats
+    from prism.integrations.hf import PrismPolicy, PrismStats, collect_stats
+
+    assert PrismPolicy is prism.policy.PrismPolicy is prism.PrismPolicy
+    assert PrismStats is prism.stats.PrismStats is prism.PrismStats
+    assert collect_stats is prism.stats.collect_stats is prism.collect_stats
+    assert prism.patch_model is hf.patch_model and prism.patched is hf.patched
+    assert prism.prism_attention_forward is hf_attention.prism_attention_forward
+    for name in hf.__all__:
+        assert getattr(hf, name) is not None
+    assert transformers.AttentionInterface._global_mapping["prism"] is hf.prism_attention_forward
 
 
 def test_lazy_exports():

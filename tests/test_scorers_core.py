@@ -139,3 +139,97 @@ def test_union_and_intersection_policies():
     for row in range(vis.shape[0]):
         want = {0, int(last[row]), int(last[row]) - 1}
         assert set(torch.nonzero(w[0, 0, row]).flatten().tolist()) == want
+
+
+# ------------------------------------------------------------------------------------------------
+# selection rules (prism.masks.select): the prefix rule at exact ties
+# ------------------------------------------------------------------------------------------------
+def _top_p_reference(row: list[float], vis: list[bool], p: float) -> set[int]:
+    """The documented rule, by hand: order the visible entries by descending probability, equal
+    probabilities by ascending index; keep an entry iff the mass strictly before it is < p."""
+    if p >= 1.0:
+        return {j for j, v in enumerate(vis) if v}
+    order = sorted((j for j, v in enumerate(vis) if v), key=lambda j: (-row[j], j))
+    kept, before = set(), 0.0
+    for j in order:
+        if before < p:
+            kept.add(j)
+        before += row[j]
+    return kept
+
+
+@pytest.mark.parametrize(
+    "p,expect",
+    [
+        (0.5, {1}),  # the first tie starts exactly at p: mass before it (0.5) is not < 0.5
+        (0.55, {1, 0}),  # the tie straddles p: only its first (lowest index) member
+        (0.625, {1, 0}),  # the second tie member starts exactly at p
+        (0.7, {1, 0, 2}),
+        (0.75, {1, 0, 2}),
+        (0.76, {1, 0, 2, 4}),
+        (0.99, {1, 0, 2, 4, 5}),
+    ],
+)
+def test_top_p_tie_boundary(p, expect):
+    """Four blocks of exactly 1/8 after a block of 1/2 (dyadic, so every sum is exact); block 3 is
+    invisible and carries the same probability, so it neither counts nor is kept."""
+    from prism.masks.select import top_p
+
+    row = [0.125, 0.5, 0.125, 0.125, 0.125, 0.125]
+    vis = [True, True, True, False, True, True]
+    probs = torch.tensor([row])
+    visible = torch.tensor([vis])
+    got = set(torch.nonzero(top_p(probs, visible, p)[0]).flatten().tolist())
+    assert got == expect
+    assert got == _top_p_reference(row, vis, p)
+
+
+def test_top_p_ties_match_reference_and_the_other_rules():
+    """Rows of multiples of 1/32 (many exact ties, exact float sums) over a block-causal map:
+    ``top_p`` == the hand-written rule; ``cover`` (share of a total of exactly 1) and
+    ``minimal_count`` give the same sets / sizes (one prefix rule)."""
+    from prism.masks.select import cover, minimal_count, top_p
+
+    g = torch.Generator().manual_seed(0)
+    visible, _ = block_causal(300, 700, 32)  # [10, 22], a ragged cached prefix
+    b, h = 2, 3
+    counts = torch.zeros(b, h, *visible.shape)
+    nvis = visible.sum(-1)
+    for idx in torch.cartesian_prod(torch.arange(b), torch.arange(h), torch.arange(10)).tolist():
+        bb, hh, i = idx
+        cols = torch.nonzero(visible[i]).flatten()
+        # 32 units spread over at most 4 distinct values -> heavy ties
+        levels = torch.randint(0, 4, (len(cols),), generator=g).float()
+        if levels.sum() == 0:
+            levels[0] = 1
+        units = torch.floor(levels / levels.sum() * 32)
+        units[torch.argmax(levels)] += 32 - units.sum()
+        counts[bb, hh, i, cols] = units
+    probs = counts / 32
+    assert torch.equal(probs.sum(-1), torch.ones(b, h, 10))
+    assert int(nvis.min()) > 4
+    for p in (1 / 3, 0.5, 0.75, 0.8, 0.96875, 0.99):  # exact tie boundaries and in-between
+        keep = top_p(probs, visible, p)
+        for bb in range(b):
+            for hh in range(h):
+                for i in range(10):
+                    row, vis = probs[bb, hh, i].tolist(), visible[i].tolist()
+                    got = set(torch.nonzero(keep[bb, hh, i]).flatten().tolist())
+                    assert got == _top_p_reference(row, vis, p), (p, bb, hh, i)
+        assert torch.equal(cover(probs, p, visible), keep)
+        target = torch.full((b, h, 10), p)
+        assert torch.equal(minimal_count(probs.masked_fill(~visible, 0), target), keep.sum(-1))
+
+
+def test_cover_with_start_and_ties():
+    """``cover``: mass already covered (``start``) counts first; equal candidates by index."""
+    from prism.masks.select import cover
+
+    mass = torch.tensor([[2.0, 1.0, 1.0, 1.0, 4.0]])
+    cand = torch.tensor([[False, True, True, True, True]])  # entry 0 is forced (start = 2)
+    start = torch.tensor([2.0])
+    # total 9; 0.5 x 9 = 4.5: 4.0 (before 2) kept, first 1.0 (before 6) dropped
+    assert cover(mass, 0.5, cand, start=start).tolist() == [[False, False, False, False, True]]
+    # 0.75 x 9 = 6.75: entry 1 (before 6) kept, entry 2 (before 7) dropped
+    assert cover(mass, 0.75, cand, start=start).tolist() == [[False, True, False, False, True]]
+    assert cover(mass, 1.0, cand, start=start).tolist() == cand.tolist()

@@ -1,44 +1,61 @@
-"""``python -m prism.eval CONFIG.yaml [key=value ...]``: run an accuracy experiment.
+"""``python -m prism.eval CONFIG [key=value ...]``: run an accuracy experiment.
 
 CONFIG is a YAML path or a name under configs/experiments/. Overrides use omegaconf dotted keys
 (``length=[4096,8192]``, ``scorers.0.threshold=[0.9,0.95]``, ``recall.layers=[0,10,20]``); a list
 for a scalar key sweeps it. Results are appended to ``<output.dir>/<name>.jsonl`` (+ ``.csv``);
-finished points are skipped on re-runs.
+finished points are skipped on re-runs. The command's own switches are keys too:
+``dry_run=true`` (or ``--dry-run``), ``summary=true``, ``report=true``; ``config=NAME`` is the same
+as the bare CONFIG.
 """
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import sys
 
 
+@dataclasses.dataclass
+class EvalArgs:
+    """The command's own options; every other ``key=value`` is an experiment override."""
+
+    config: str | None = dataclasses.field(
+        default=None, metadata={"help": "experiment YAML (path or name under configs/experiments/)"}
+    )
+    dry_run: bool = dataclasses.field(
+        default=False, metadata={"help": "list the grid points and exit"}
+    )
+    summary: bool = dataclasses.field(
+        default=False, metadata={"help": "print the summary of existing results and exit"}
+    )
+    report: bool = dataclasses.field(
+        default=False,
+        metadata={
+            "help": "from every record in the results file (whatever config made it): rewrite "
+            "the CSV and the plots, print the summary, and exit"
+        },
+    )
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(
+    from ..cli import parse_cli
+
+    args, overrides = parse_cli(
+        EvalArgs,
+        argv,
+        description=__doc__ + "\nAny other key=value is an experiment override.",
+        positional="config",
         prog="python -m prism.eval",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        passthrough=True,
     )
-    ap.add_argument("config", help="experiment YAML (path or name under configs/experiments/)")
-    ap.add_argument(
-        "overrides", nargs="*", help="key=value overrides (a list value sweeps the key)"
-    )
-    ap.add_argument("--dry-run", action="store_true", help="list the grid points and exit")
-    ap.add_argument(
-        "--summary", action="store_true", help="print the summary of existing results and exit"
-    )
-    ap.add_argument(
-        "--report",
-        action="store_true",
-        help="from every record in the results file (whatever config made it): rewrite the CSV "
-        "and the plots, print the summary, and exit",
-    )
-    args = ap.parse_intermixed_args(argv)
+    if args.config is None:
+        print("error: an experiment config is needed (a YAML path or a name)", file=sys.stderr)
+        return 2
 
     from .config import ConfigError, load_experiment, scorer_label
     from .runner import Runner, read_records, summary
 
     try:
-        cfg = load_experiment(args.config, args.overrides)
+        cfg = load_experiment(args.config, overrides)
         runner = Runner(cfg)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -332,17 +332,10 @@ def load_experiment(
 
     A bare name resolves to ``configs/experiments/<name>.yaml``.
     """
-    from ..config import CONFIG_DIR, load_config
+    from ..config import load_config, resolve_config_path
 
     if isinstance(source, (str, Path)):
-        path = Path(source)
-        named = CONFIG_DIR / "experiments" / f"{source}.yaml"
-        if not path.is_file() and named.is_file():
-            source = named
-        elif not path.is_file():
-            raise FileNotFoundError(
-                f"experiment config {str(source)!r} not found (nor as configs/experiments/{source}.yaml)"
-            )
+        source = resolve_config_path(source, group="experiments")
     cfg = load_config(source, overrides)
     validate(cfg)
     return cfg

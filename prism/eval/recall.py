@@ -28,19 +28,8 @@ from typing import Any
 import torch
 
 from ..masks import BlockSelection, block_causal
+from ..masks.select import minimal_count  # the prefix rule's count; also importable from here
 from ..metrics import attention_recall, block_attention_mass
-
-_EPS = 1e-6
-
-
-def minimal_count(values: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Fewest entries of ``values`` (>= 0, last dim) whose sum reaches ``target`` (broadcast over
-    the leading dims): the count of entries whose descending-order mass *before* them is
-    < target (minus a relative tolerance for float rounding). int64, leading dims."""
-    sorted_v, _ = values.sort(dim=-1, descending=True)
-    before = sorted_v.cumsum(dim=-1) - sorted_v
-    tol = _EPS * values.sum(dim=-1, keepdim=True).clamp_min(1e-30)
-    return (before < (target.unsqueeze(-1) - tol)).sum(dim=-1)
 
 
 def oracle_selection(mass: torch.Tensor, target: float | torch.Tensor, mode: str = "head"):

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from ..utils.tables import markdown_table
 from .config import BASELINE, expand, point_key, scorer_label, scorer_params
 
 # the parameters that move a scorer along its density axis (what a Pareto sweep varies)
@@ -484,12 +485,6 @@ def _fmt(v: Any, pct: bool = False) -> str:
     if isinstance(v, float):
         return f"{100 * v:+.2f}%" if pct else f"{v:.4f}"
     return str(v)
-
-
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 def pareto_table(

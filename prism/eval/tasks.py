@@ -28,6 +28,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .. import needle
+
 # Key words for needles: concrete nouns that do not occur in Python's documentation.
 KEY_WORDS = (
     "apricot avalanche badger bamboo banjo barnacle beetroot blizzard bluebell bonfire "
@@ -189,9 +191,9 @@ def _niah(task: str, rng: random.Random, haystack: str, fit) -> tuple[str, list[
     rng.shuffle(order)
     needles = [needles[i] for i in order]
     depths = sorted(rng.uniform(0.05, 0.95) for _ in needles)
-    if task in ("niah_single", "niah_multikey"):
-        question = f"What is the special magic number for {keys[0]} mentioned in the provided text?"
-        prefix = f"The special magic number for {keys[0]} mentioned in the provided text is"
+    if task in ("niah_single", "niah_multikey"):  # the demo's needle wording (prism.needle)
+        question = needle.QUESTION.format(key=keys[0])
+        prefix = needle.ANSWER_PREFIX.format(key=keys[0])
     elif task == "niah_multivalue":
         question = (
             f"What are all the special magic numbers for {keys[0]} mentioned in the provided text?"

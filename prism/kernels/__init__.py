@@ -8,6 +8,10 @@ blocks (FlexAttention does). Backends that do not (``triton``, ``reference``) ap
 rule ``q_idx + (Sk - Sq) >= kv_idx`` there instead, which is what every BlockMask Prism builds
 for plain causal attention carries; callers with any other ``mask_mod`` (HF span masks) must pick
 a backend that honours it.
+
+``reference`` (:mod:`prism.kernels.reference`) is the oracle every backend is tested against
+(``tests/test_backend_contract.py`` runs over :func:`available_backends`); it is also the CPU
+fallback of ``triton`` when Triton's interpreter is off.
 """
 
 from __future__ import annotations

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
+from ..masks.blockmask import is_causal_mask_mod
+
 _COMPILED = None
 
 
@@ -84,6 +86,49 @@ def _kernel_options(q: torch.Tensor, block_mask: BlockMask, impl: str) -> dict |
     return opts or None
 
 
+def _offset_flex(q, k, v, kv_num, kv_idx, full_num, full_idx, offset, block_size, scale, gqa, opts):
+    """flex_attention over causal block lists with a cached prefix: the BlockMask is rebuilt
+    here, inside the compiled region, with the offset ``Sk - Sq`` read from ``offset`` (int32
+    [1], an input of the compiled function) instead of a captured Python int, which Dynamo turns
+    into a dynamic scalar that FA4 (FLASH backend) rejects."""
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return q_idx + offset[0] >= kv_idx
+
+    bm = BlockMask.from_kv_blocks(
+        kv_num,
+        kv_idx,
+        full_num,
+        full_idx,
+        BLOCK_SIZE=block_size,
+        mask_mod=mask_mod,
+        seq_lengths=(q.shape[2], k.shape[2]),
+        compute_q_blocks=False,
+    )
+    return flex_attention(q, k, v, block_mask=bm, scale=scale, enable_gqa=gqa, kernel_options=opts)
+
+
+_COMPILED_OFFSET = None
+_OFFSETS: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def _offset_tensor(prefix: int, device: torch.device) -> torch.Tensor:
+    """A cached int32 [1] device tensor holding ``prefix`` (no host->device copy per call)."""
+    key = (int(prefix), device)
+    if key not in _OFFSETS:
+        if len(_OFFSETS) > 256:
+            _OFFSETS.clear()
+        _OFFSETS[key] = torch.tensor([int(prefix)], dtype=torch.int32, device=device)
+    return _OFFSETS[key]
+
+
+def _compiled_offset_flex():
+    global _COMPILED_OFFSET
+    if _COMPILED_OFFSET is None:
+        _COMPILED_OFFSET = torch.compile(_offset_flex)
+    return _COMPILED_OFFSET
+
+
 def flex_sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -92,13 +137,38 @@ def flex_sparse_attention(
     scale: float | None = None,
     impl: str = "auto",
 ) -> torch.Tensor:
-    """q [B, Hq, Sq, D], k/v [B, Hkv, Sk, D] -> [B, Hq, Sq, D]; GQA without repeating K/V."""
-    kwargs = dict(
-        block_mask=block_mask,
-        scale=scale,
-        enable_gqa=q.shape[1] != k.shape[1],
-        kernel_options=_kernel_options(q, block_mask, impl),
-    )
+    """q [B, Hq, Sq, D], k/v [B, Hkv, Sk, D] -> [B, Hq, Sq, D]; GQA without repeating K/V.
+
+    Prism's causal ``mask_mod`` (:func:`prism.masks.blockmask.causal_mask_mod`) captures nothing
+    when Sk == Sq; with a cached prefix (eager call) the mask is rebuilt by :func:`_offset_flex`
+    with the offset as a device tensor. Both are FA4-safe. Any other ``mask_mod`` runs as given.
+    """
+    gqa = q.shape[1] != k.shape[1]
+    opts = _kernel_options(q, block_mask, impl)
+    prefix = k.shape[2] - q.shape[2]
+    if (
+        not torch.compiler.is_compiling()
+        and is_causal_mask_mod(block_mask.mask_mod)
+        and prefix != 0
+        and tuple(block_mask.seq_lengths) == (q.shape[2], k.shape[2])
+    ):
+        args = (
+            q,
+            k,
+            v,
+            block_mask.kv_num_blocks,
+            block_mask.kv_indices,
+            block_mask.full_kv_num_blocks,
+            block_mask.full_kv_indices,
+            _offset_tensor(prefix, q.device),
+            block_mask.BLOCK_SIZE,
+            scale,
+            gqa,
+            opts,
+        )
+        with _compile_limits():
+            return _compiled_offset_flex()(*args)
+    kwargs = dict(block_mask=block_mask, scale=scale, enable_gqa=gqa, kernel_options=opts)
     if torch.compiler.is_compiling():  # inside the caller's graph: the plain function
         return flex_attention(q, k, v, **kwargs)
     with _compile_limits():

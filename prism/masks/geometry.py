@@ -60,8 +60,22 @@ def block_causal(
     if sq > sk:
         raise ValueError(f"Sq ({sq}) must be <= Sk ({sk})")
     # the cache saves host work in eager mode; under torch.compile it only makes Dynamo warn
-    geometry = _geometry if torch.compiler.is_compiling() else _geometry_cached
-    visible, partial = geometry(int(sq), int(sk), int(block_size))
+    if torch.compiler.is_compiling():
+        visible, partial = _geometry(sq, sk, block_size)
+        if device is not None:
+            visible, partial = visible.to(device), partial.to(device)
+        return visible, partial
+    # eager: cached per device, so a CUDA caller pays no host->device copy (a pageable copy
+    # would stall the host on every attention call)
+    dev = None if device is None else torch.device(device)
+    if dev is not None and dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return _geometry_on(int(sq), int(sk), int(block_size), dev)
+
+
+@functools.lru_cache(maxsize=128)
+def _geometry_on(sq: int, sk: int, bs: int, device: torch.device | None):
+    visible, partial = _geometry_cached(sq, sk, bs)
     if device is not None:
         visible, partial = visible.to(device), partial.to(device)
     return visible, partial

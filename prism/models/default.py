@@ -137,13 +137,18 @@ def load_model(
     dtype=None,
     attn_implementation: str | None = None,
     progress: bool = True,
+    gguf_file: str | None = None,
 ):
     """``(model, tokenizer)`` from a local Hugging Face directory (or a hub id that is cached
-    or reachable), in eval mode. ``dtype`` defaults to the checkpoint's."""
+    or reachable), in eval mode. ``dtype`` defaults to the checkpoint's; ``gguf_file`` names a
+    GGUF file inside ``path`` to load (and dequantise) instead of the safetensors weights."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     kwargs = {}
+    tok_kwargs = {}
+    if gguf_file:
+        kwargs["gguf_file"] = tok_kwargs["gguf_file"] = gguf_file
     if dtype is not None:
         kwargs["dtype"] = dtype
     if attn_implementation is not None:
@@ -151,7 +156,7 @@ def load_model(
     if not progress:
         hf_logging.disable_progress_bar()
     try:
-        tok = AutoTokenizer.from_pretrained(path)
+        tok = AutoTokenizer.from_pretrained(path, **tok_kwargs)
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
     finally:
         if not progress:

@@ -75,6 +75,8 @@ class Scorer:
 
     name: ClassVar[str] = ""
     Config: ClassVar[type[ScorerConfig]] = ScorerConfig
+    #: set on a deprecated alias (e.g. ``prism_fused``): the name of the scorer it stands for
+    alias_of: ClassVar[str | None] = None
 
     def __init__(self, config: ScorerConfig | None = None, **params: Any) -> None:
         if config is not None and params:
@@ -126,8 +128,10 @@ def register_scorer(name: str):
     return deco
 
 
-def available_scorers() -> list[str]:
-    return sorted(SCORERS)
+def available_scorers(aliases: bool = True) -> list[str]:
+    """Registered scorer names, sorted; ``aliases=False`` leaves out deprecated aliases
+    (scorers with ``alias_of`` set, e.g. ``prism_fused``)."""
+    return sorted(n for n, cls in SCORERS.items() if aliases or cls.alias_of is None)
 
 
 def build_scorer(name: str | Mapping[str, Any] | Scorer, **params: Any) -> Scorer:

@@ -5,6 +5,11 @@
   {"scorer": "window", "window": 2}])``.
 * ``window``: the sink plus the ``window`` visible blocks nearest the diagonal.
 * ``dense``: every causal block (the dense baseline through the same kernels).
+
+All of them honour the universal contract (DESIGN.md §3): ``threshold=1.0`` selects every causal
+block. ``window`` has no other use for ``threshold``; a combinator's own ``threshold`` is not passed
+to its children (they have their own), so ``threshold=1.0`` on the combinator means "dense"
+without running them.
 """
 
 from __future__ import annotations
@@ -30,11 +35,24 @@ class WindowConfig(ScorerConfig):
             raise ValueError(f"window must be >= 1, got {self.window}")
 
 
+def _every_causal_block(scorer: Scorer, q: torch.Tensor, k: torch.Tensor) -> BlockSelection:
+    """The dense selection: every visible block, bool [B, Hq, NQB, NKB]."""
+    b, hq, sq, _ = q.shape
+    sk = k.shape[2]
+    visible, _ = block_causal(sq, sk, scorer.block_size, q.device)
+    return scorer.finalize(visible.expand(b, hq, *visible.shape), sq, sk)
+
+
 @register_scorer("window")
 class WindowScorer(Scorer):
+    """The sink plus the ``window`` visible blocks nearest the causal frontier of each row
+    (``threshold=1.0``: every causal block)."""
+
     Config = WindowConfig
 
     def select(self, q: torch.Tensor, k: torch.Tensor) -> BlockSelection:
+        if self.config.threshold >= 1.0:
+            return _every_causal_block(self, q, k)
         b, hq, sq, _ = q.shape
         sk = k.shape[2]
         win = local_window(sq, sk, self.block_size, self.config.window, q.device)
@@ -46,16 +64,14 @@ class DenseScorer(Scorer):
     """Selects every causal block (``threshold`` is ignored)."""
 
     def select(self, q: torch.Tensor, k: torch.Tensor) -> BlockSelection:
-        b, hq, sq, _ = q.shape
-        sk = k.shape[2]
-        visible, _ = block_causal(sq, sk, self.block_size, q.device)
-        return self.finalize(visible.expand(b, hq, *visible.shape), sq, sk)
+        return _every_causal_block(self, q, k)
 
 
 @dataclass
 class CombineConfig(ScorerConfig):
-    """policies: list of child scorer configs (mappings with a ``scorer`` key). Children inherit
-    this config's ``block_size`` unless they set their own (which must then be equal)."""
+    """policies: list of child scorer configs (mappings with a ``scorer`` key) or built scorers.
+    Children inherit this config's ``block_size`` unless they set their own (which must then be
+    equal); they do not inherit ``threshold`` (``threshold=1.0`` here: every causal block)."""
 
     policies: list[Any] = field(default_factory=list)
 
@@ -88,6 +104,8 @@ class _Combine(Scorer):
         raise NotImplementedError
 
     def select(self, q: torch.Tensor, k: torch.Tensor) -> BlockSelection:
+        if self.config.threshold >= 1.0:
+            return _every_causal_block(self, q, k)
         out = None
         for child in self.children:
             sel = child(q, k)

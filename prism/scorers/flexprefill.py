@@ -10,10 +10,12 @@ Probe: the last ``n = min(BS, Sq)`` queries against all keys, causal, float32 ro
    (natural log). ``d < tau`` → *query-aware* head, otherwise *vertical-slash*.
 2. **Query-aware.** ``softmax(q̄ · k̄ᵀ / sqrt(D))`` block-causal per row, divided by NQB so that the
    whole map sums to 1; keep the minimal descending set of blocks of the **whole map** whose
-   mass reaches ``threshold`` (γ): a block is kept iff the mass strictly before it is < γ.
+   mass reaches ``threshold`` (γ): a block is kept iff the mass strictly before it is < γ
+   (:func:`prism.masks.select.cover_map`).
 3. **Vertical-slash.** Columns ``v[c] = Σ_r p[r, c]`` and diagonals ``s[o] = Σ_r p[r, a_r − o]``
    (o = 0 … Sk − 1): keep the minimal descending set of columns covering γ of their mass, and the
-   same for diagonals, then the blocks they touch (exactly as for MInference).
+   same for diagonals (:func:`prism.masks.select.cover`), then the blocks they touch (exactly as
+   for MInference; the probe and the mapping are :mod:`prism.scorers._vertical_slash`).
 4. **Minimum budget** (``min_budget`` tokens, 1024). Where the published method is loose, we
    define: a vertical-slash head keeps at least ``min_budget`` columns and ``min_budget``
    diagonals (the highest); a query-aware head keeps at least ``ceil(min_budget / BS)`` blocks in
@@ -33,11 +35,12 @@ from dataclasses import dataclass
 
 import torch
 
-from ..masks import BlockSelection, block_causal, masked_softmax, top_k
+from ..masks import BlockSelection, block_causal
+from ..masks.select import cover, cover_map, masked_softmax, top_k
+from ._pooling import gqa_scores, inv_sqrt, pool_blocks
+from ._validate import check_int
+from ._vertical_slash import lines_to_blocks, probe_profiles
 from .base import Scorer, ScorerConfig, register_scorer
-from .minference import lines_to_blocks, probe_profiles
-from .pooling import gqa_scores, inv_sqrt, pool_blocks
-from .xattn import _check_int, cover
 
 
 @dataclass
@@ -62,8 +65,8 @@ class FlexPrefillConfig(ScorerConfig):
             raise TypeError(f"tau must be a number >= 0, got {self.tau!r}")
         if not math.isfinite(self.tau) or self.tau < 0:
             raise ValueError(f"tau must be a finite number >= 0, got {self.tau}")
-        _check_int("min_budget", self.min_budget, 0)
-        _check_int("chunk_size", self.chunk_size, 1)
+        check_int("min_budget", self.min_budget, 0)
+        check_int("chunk_size", self.chunk_size, 1)
 
 
 def sqrt_jsd(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -105,20 +108,18 @@ class FlexPrefillScorer(Scorer):
 
         # 2. query-aware: whole-map coverage of the pooled block-causal softmax
         probs = masked_softmax(gqa_scores(pool_blocks(q, bs), kp) * inv_sqrt(d), visible)
-        flat = (probs / nqb).flatten(-2)
-        keep_qa = cover(flat, gamma, visible.flatten()).view(b, hq, nqb, nkb)
+        keep_qa = cover_map(probs / nqb, gamma, visible)
         per_row = -(-c.min_budget // bs)
         if per_row:
             keep_qa |= top_k(probs, visible, per_row)
-        del probs, flat
+        del probs
 
         # 3. vertical-slash from the probe
-        columns = cover(vertical, gamma, torch.ones_like(vertical, dtype=torch.bool))
-        offsets = cover(slash, gamma, torch.ones_like(slash, dtype=torch.bool))
+        columns = cover(vertical, gamma)
+        offsets = cover(slash, gamma)
         if c.min_budget:
-            m = min(c.min_budget, sk)
-            columns.scatter_(-1, vertical.topk(m, dim=-1).indices, True)
-            offsets.scatter_(-1, slash.topk(m, dim=-1).indices, True)
+            columns |= top_k(vertical, None, c.min_budget)
+            offsets |= top_k(slash, None, c.min_budget)
         keep_vs = lines_to_blocks(columns, offsets, sq, sk, bs)
 
         keep = torch.where(query_aware[..., None, None], keep_qa, keep_vs)

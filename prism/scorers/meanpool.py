@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import torch
 
 from ..masks import BlockSelection, apply_rule, block_causal, masked_softmax
+from ._pooling import gqa_scores, inv_sqrt, pool_blocks
 from .base import ProbScorerConfig, Scorer, register_scorer
-from .pooling import gqa_scores, inv_sqrt, pool_blocks
 
 
 @dataclass

@@ -9,17 +9,25 @@ per band with top-p and keeps the union, plus the sink and the diagonal blocks.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
 from .._checks import check_threshold
+from ..kernels.estimation.op import (
+    PrismKernelParams,
+    prism_select_block_lists,
+    supports,
+    triton_available,
+)
 from ..masks import BlockSelection, apply_rule, block_causal, masked_softmax
 from .base import ProbScorerConfig, Scorer, register_scorer
 from .pooling import gqa_scores, pool_blocks
 
 ROPE_LAYOUTS = ("half", "interleaved")
+IMPLS = ("auto", "torch", "triton")
 
 
 @dataclass
@@ -31,8 +39,14 @@ class PrismConfig(ProbScorerConfig):
     threshold_high / threshold_low: per-band top-p overrides of ``threshold``.
     calibrate: energy calibration (per (b, h) temperature); off means τ = 1.
     rope_layout: "half" (HF rotate_half: pair j = dims j, j + D/2) or "interleaved" (2j, 2j + 1).
-    fused: on CUDA (outside torch.compile), run the fused Triton estimator
-        (prism/kernels/estimation), which writes the BlockMask lists directly; same selection.
+    impl: which implementation computes the selection (the same selection either way):
+        ``"auto"`` — the fused Triton estimator (prism/kernels/estimation, writes the BlockMask
+        lists directly) on CUDA tensors outside torch.compile where Triton is installed and the
+        inputs are supported, the plain PyTorch path otherwise; ``"triton"`` — always the fused
+        kernel (also on CPU tensors under Triton's interpreter, ``TRITON_INTERPRET=1``), a clear
+        error where it cannot run; ``"torch"`` — always the PyTorch path.
+    fused: deprecated alias of ``impl``: ``fused=False`` means ``impl="torch"``, ``fused=True``
+        the default ``impl="auto"``. Normalised to None after construction.
     """
 
     high_dims: int | None = None
@@ -41,7 +55,8 @@ class PrismConfig(ProbScorerConfig):
     threshold_low: float | None = None
     calibrate: bool = True
     rope_layout: str = "half"
-    fused: bool = True
+    impl: str = "auto"
+    fused: bool | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -56,6 +71,20 @@ class PrismConfig(ProbScorerConfig):
             v = getattr(self, name)
             if v is not None and (v <= 0 or v % 2):
                 raise ValueError(f"{name} must be a positive even number of dims, got {v}")
+        if self.impl not in IMPLS:
+            raise ValueError(f"unknown impl {self.impl!r}; valid: {list(IMPLS)}")
+        if self.fused is not None:
+            warnings.warn(
+                "PrismConfig.fused is deprecated: use impl='auto' (fused=True) or "
+                "impl='torch' (fused=False)",
+                DeprecationWarning,
+                stacklevel=3,
+            )
+            if not self.fused:
+                if self.impl == "triton":
+                    raise ValueError("fused=False contradicts impl='triton'")
+                self.impl = "torch"
+            self.fused = None
 
 
 def band_dims(d: int, width: int, band: str, layout: str = "half") -> torch.Tensor:
@@ -76,8 +105,13 @@ def _rms(x: torch.Tensor) -> torch.Tensor:
 
 @register_scorer("prism")
 class PrismScorer(Scorer):
-    Config = PrismConfig
+    """Prism (DESIGN.md §4). ``config.impl`` picks the implementation (see :class:`PrismConfig`);
+    ``last_path`` records which one the last call ran (``"triton"`` or ``"torch"``)."""
 
+    Config = PrismConfig
+    last_path: str | None = None
+
+    # -- resolved knobs -----------------------------------------------------------------------
     def band_widths(self, d: int) -> tuple[int, int]:
         c = self.config
         high = c.high_dims if c.high_dims is not None else d // 2
@@ -87,6 +121,33 @@ class PrismScorer(Scorer):
                 raise ValueError(f"{name}={w} exceeds the head dim D={d}")
         return high, low
 
+    def band_thresholds(self) -> tuple[float, float]:
+        """(high band, low band) target of the rule: ``threshold`` unless overridden per band."""
+        c = self.config
+        p_high = c.threshold if c.threshold_high is None else c.threshold_high
+        p_low = c.threshold if c.threshold_low is None else c.threshold_low
+        return p_high, p_low
+
+    def kernel_params(self, d: int) -> PrismKernelParams:
+        """This config resolved for head dim ``d``: the fused estimator's parameters."""
+        c = self.config
+        (w_hi, w_lo), (p_hi, p_lo) = self.band_widths(d), self.band_thresholds()
+        return PrismKernelParams(
+            block_size=c.block_size,
+            high_dims=w_hi,
+            low_dims=w_lo,
+            threshold_high=p_hi,
+            threshold_low=p_lo,
+            rule=c.rule,
+            top_k=int(c.top_k),
+            min_prob=c.min_prob,
+            calibrate=c.calibrate,
+            rope_layout=c.rope_layout,
+            force_sink=c.force_sink,
+            force_diagonal=c.force_diagonal,
+        )
+
+    # -- the PyTorch path ---------------------------------------------------------------------
     def band_probs(self, q: torch.Tensor, k: torch.Tensor) -> Iterator[torch.Tensor]:
         """Yield per-band block-causal probabilities (high, then low), float32 [B, Hq, NQB, NKB].
 
@@ -108,24 +169,42 @@ class PrismScorer(Scorer):
                 logits = logits / tau[:, :, None, None]
             yield masked_softmax(logits, visible)
 
-    def select(self, q: torch.Tensor, k: torch.Tensor) -> BlockSelection:
-        if q.is_cuda and self.config.fused and not torch.compiler.is_compiling():
-            from .prism_fused import fused_selection  # lazy: imports Triton
-
-            sel = fused_selection(self, q, k)
-            if sel is not None:
-                return sel
-        return self.select_torch(q, k)
-
     def select_torch(self, q: torch.Tensor, k: torch.Tensor) -> BlockSelection:
         """The plain PyTorch path (the definition the fused kernel is tested against)."""
         c = self.config
         sq, sk = q.shape[2], k.shape[2]
         visible, _ = block_causal(sq, sk, c.block_size, q.device)
-        p_high = c.threshold if c.threshold_high is None else c.threshold_high
-        p_low = c.threshold if c.threshold_low is None else c.threshold_low
         keep = None
-        for probs, p in zip(self.band_probs(q, k), (p_high, p_low)):
+        for probs, p in zip(self.band_probs(q, k), self.band_thresholds()):
             sel = apply_rule(probs, visible, c.rule, p, c.top_k, c.min_prob)
             keep = sel if keep is None else keep | sel
         return self.finalize(keep, sq, sk)
+
+    # -- the fused Triton path ----------------------------------------------------------------
+    def select_triton(self, q: torch.Tensor, k: torch.Tensor) -> BlockSelection:
+        """The fused estimator: a list-stored selection (its ``block_mask()`` wraps the lists the
+        kernel wrote). Raises where the kernel cannot run (no Triton, CPU without the
+        interpreter, unsupported inputs)."""
+        lists = prism_select_block_lists(q, k, self.kernel_params(q.shape[-1]))
+        return BlockSelection.from_lists(lists, q.shape[2], k.shape[2], self.config.block_size)
+
+    def resolve_impl(self, q: torch.Tensor, k: torch.Tensor) -> str:
+        """``"triton"`` or ``"torch"``: the path :meth:`select` takes for these inputs."""
+        impl = self.config.impl
+        if impl != "auto":
+            return impl
+        if (
+            q.is_cuda
+            and not torch.compiler.is_compiling()
+            and triton_available()
+            and supports(q, k, self.kernel_params(q.shape[-1]))
+        ):
+            return "triton"
+        return "torch"
+
+    def select(self, q: torch.Tensor, k: torch.Tensor) -> BlockSelection:
+        path = self.resolve_impl(q, k)
+        sel = self.select_triton(q, k) if path == "triton" else self.select_torch(q, k)
+        if not torch.compiler.is_compiling():
+            self.last_path = path
+        return sel

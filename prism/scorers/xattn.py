@@ -16,7 +16,8 @@ to 1.
 
 Per (head, query block) the selection counts the forced blocks first (the sink and the partial /
 diagonal blocks, as configured), then adds the remaining visible blocks in descending ``A`` while
-the mass strictly before a block is ``< threshold ×`` the row total (the minimal set reaching τ).
+the mass strictly before a block is ``< threshold ×`` the row total (the minimal set reaching τ;
+:func:`prism.masks.select.cover`, equal scores ordered by KV block index).
 
 Choices where the published method leaves freedom (documented, mirrored by the test reference):
 
@@ -45,14 +46,11 @@ import torch
 import torch.nn.functional as F
 
 from ..masks import BlockSelection, block_causal
+from ..masks.select import cover
+from ._validate import check_int
 from .base import Scorer, ScorerConfig, register_scorer
 
-
-def _check_int(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+__all__ = ["XAttnConfig", "XAttnScorer", "cover"]  # cover: old import path of the masks rule
 
 
 @dataclass
@@ -70,52 +68,17 @@ class XAttnConfig(ScorerConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_int("stride", self.stride, 1)
+        check_int("stride", self.stride, 1)
         if self.block_size % self.stride:
             raise ValueError(
                 f"stride {self.stride} must divide block_size {self.block_size} (8 and 16 are the "
                 "published strides)"
             )
-        _check_int("chunk_size", self.chunk_size, 1)
+        check_int("chunk_size", self.chunk_size, 1)
         if self.chunk_size % self.block_size:
             raise ValueError(
                 f"chunk_size {self.chunk_size} must be a multiple of block_size {self.block_size}"
             )
-
-
-def cover(
-    mass: torch.Tensor,
-    p: float,
-    candidates: torch.Tensor,
-    start: torch.Tensor | None = None,
-    accumulate: torch.dtype = torch.float64,
-) -> torch.Tensor:
-    """Minimal descending set of ``candidates`` covering a share ``p`` of the mass.
-
-    mass float [..., N] (>= 0); candidates bool, broadcastable to mass; start float [...] or None:
-    mass already covered (e.g. forced blocks), counted before any candidate. The total is
-    ``start + Σ candidate mass``. A candidate is kept iff ``start +`` (mass of the candidates
-    strictly before it in descending order) ``< p × total``; ``p >= 1`` keeps every candidate.
-    Cumulative sums run in ``accumulate`` (float64 by default, so that long rows, e.g. one entry
-    per token, stay exact enough). Returns bool [..., N].
-    """
-    candidates = candidates.expand(mass.shape)
-    if p >= 1.0:
-        return candidates.clone()
-    sorted_mass, order = mass.float().masked_fill(~candidates, -1.0).sort(dim=-1, descending=True)
-    m = sorted_mass.clamp_min_(0.0).to(accumulate)
-    csum = m.cumsum(dim=-1)
-    total = csum[..., -1:].clone()
-    before = csum.sub_(m)  # exclusive prefix sums
-    del m, sorted_mass
-    if start is not None:
-        start = start.to(accumulate).unsqueeze(-1)
-        before += start
-        total += start
-    keep_sorted = before < p * total
-    del before
-    keep = torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
-    return keep & candidates
 
 
 @register_scorer("xattn")

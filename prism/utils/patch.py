@@ -117,20 +117,21 @@ def apply_patch(
     set the default Prism policy those models use (see :func:`prism.patch_model`). Returns the
     family's model type. :func:`remove_patch` undoes it.
     """
-    from ..integrations import hf
+    from ..integrations.hf import ATTN_NAME, prism_attention_forward, register
+    from ..policy import set_default_policy
 
     if model_id is None:
         raise ValueError("apply_patch needs model_id (a hub id, local path, model type or config)")
-    fn = hf.prism_attention_forward if forward_fn is None else forward_fn
+    fn = prism_attention_forward if forward_fn is None else forward_fn
     if attn_name is None:
         attn_name = (
-            hf.ATTN_NAME
-            if fn is hf.prism_attention_forward
+            ATTN_NAME
+            if fn is prism_attention_forward
             else f"prism_{getattr(fn, '__name__', 'custom')}"
         )
-    hf.register(attn_name, fn)
+    register(attn_name, fn)
     if policy:
-        hf.set_default_policy(**policy)
+        set_default_policy(**policy)
     model_type = resolve_model_type(model_id)
     base = _family_base(model_type)
     if model_type in _PATCHED:

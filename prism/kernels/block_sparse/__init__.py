@@ -4,9 +4,11 @@
     out = block_sparse_attention(q, k, v, block_mask, scale=None, return_lse=False)
 
 * ``op.py``: validation, the public function and the ``torch.ops.prism.block_sparse_attn_fwd``
-  custom op (CUDA → Triton kernel; CPU → Triton interpreter when active, else the naive path).
+  custom op (CUDA → Triton kernel; CPU → Triton interpreter when active, else the oracle
+  :func:`prism.kernels.reference.reference_attention`).
 * ``triton_fwd.py``: the Triton kernel and its launcher (imported lazily: Triton is optional).
-* ``naive.py``: the float32 reference used by the tests.
+* ``naive.py``: old import path of the oracle (``naive_block_sparse_attention``: float32 output)
+  and of the test mask builders, which live in :mod:`prism.testing`.
 
 Importing this package needs only torch (no Triton, no omegaconf).
 """

@@ -13,9 +13,10 @@ per call by device:
 * CUDA tensors: the Triton kernel (``triton_fwd.py``).
 * CPU tensors with Triton's interpreter active (``TRITON_INTERPRET=1`` set before Triton was first
   imported): the same Triton kernel, interpreted (slow; for tests).
-* CPU tensors otherwise (or Triton not installed): the float32 naive reference (``naive.py``),
-  cast back to the input dtype. This is a documented fallback, not an error: it is correct, and
-  fine for short CPU runs; it costs ``O(B * Hq * BS * Sk)`` memory per query block.
+* CPU tensors otherwise (or Triton not installed): the float32 oracle
+  (:func:`prism.kernels.reference.reference_attention`), cast back to the input dtype. This is a
+  documented fallback, not an error: it is correct, and fine for short CPU runs; it holds
+  ``O(B * Hq * chunk * Sk)`` scores per query chunk.
 
 Forward only (pre-fill inference): no autograd formula is registered.
 """
@@ -28,7 +29,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .naive import naive_block_sparse_attention
+from ..reference import reference_attention
 
 __all__ = ["block_sparse_attention", "validate_inputs", "SUPPORTED_HEAD_DIMS", "SUPPORTED_DTYPES"]
 
@@ -64,7 +65,7 @@ def _use_triton(device: torch.device) -> bool:
 
 
 class _MaskView:
-    """The BlockMask fields the naive path reads (a BlockMask itself cannot cross the op)."""
+    """The BlockMask fields the reference fallback reads (a BlockMask itself cannot cross the op)."""
 
     def __init__(self, kv_num, kv_idx, full_num, full_idx, bs_q, bs_kv, sq, sk):
         self.kv_num_blocks, self.kv_indices = kv_num, kv_idx
@@ -114,8 +115,9 @@ def block_sparse_attn_fwd(
             q.shape[2],
             k.shape[2],
         )
-        out32, lse = naive_block_sparse_attention(q, k, v, view, scale=scale, return_lse=True)
-        out = out32.to(q.dtype)
+        out, lse = reference_attention(
+            q, k, v, view, scale, return_lse=True, compute_dtype=torch.float32
+        )
     if not return_lse:
         lse = q.new_empty((0,), dtype=torch.float32)
     return out, lse

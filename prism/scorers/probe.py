@@ -1,0 +1,180 @@
+"""Exact probe-query scorer (issue 11): a few real queries per block, exact softmax, block sums.
+
+For every query block i (rows ``[i·BS, min((i+1)·BS, Sq))``, L_i of them) the scorer picks
+``P' = min(P, L_i)`` distinct *real* query rows (``P = probes``; the last block may be short), at
+offsets r inside the block given by ``placement``:
+
+* ``ends``    — evenly spaced from the first to the last row, both included
+  (``r_t = round(t·(L−1)/(P'−1))``; P' = 1 is the last row);
+* ``middle``  — P' consecutive rows centred in the block (``(L−P')//2 …``);
+* ``uniform`` — the centres of P' equal slices (``r_t = floor((t+½)·L/P')``);
+* ``last``    — the last P' rows (FlexPrefill's probe position, per block).
+
+Probe query t (absolute position ``a = P_prefix + i·BS + r_t``, ``P_prefix = Sk − Sq``) gets the
+exact causal softmax of ``q_t · k / sqrt(D)`` over all keys ``c <= a`` of its KV head (GQA: query
+head h uses KV head h // G; the probes are viewed as ``[B, Hkv, G·rows, D]``, K is never
+repeated), in float32. Its probabilities are summed into the NKB key blocks and the P' probes of
+the block are averaged, giving block probabilities ``[B, Hq, NQB, NKB]`` whose rows sum to 1
+(the mass estimate of that query block). Then the standard rule (``top_p`` by default) and the
+forced sink / diagonal blocks. With ``probes >= BS`` every query is a probe and the estimate is
+the exact block mass divided by the block's query count.
+
+Memory: the scores of one chunk of query blocks, ``[B, Hq, blocks·P, Sk]`` float32, with as many
+blocks per chunk as fit in ``chunk_mb`` MiB (at least one block) — never ``[Sq, Sk]``; each
+chunk only scores the keys its last probe can see (about half of all keys on average without a
+prefix). K is converted to float32 once when it is not float32 already. Cost ≈ P / BS of the
+causal QKᵀ FLOPs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..masks import BlockSelection, apply_rule, block_causal
+from ._validate import check_int
+from .base import ProbScorerConfig, Scorer, register_scorer
+
+PLACEMENTS = ("ends", "middle", "uniform", "last")
+
+
+@dataclass
+class ProbeConfig(ProbScorerConfig):
+    """Probe-scorer knobs (plus the rule knobs of :class:`ProbScorerConfig`).
+
+    probes: P, probe queries per query block, 1 <= P <= block_size (default 2).
+    placement: where the probes sit in the block: ``ends`` | ``middle`` | ``uniform`` | ``last``.
+    chunk_mb: MiB of float32 scores per step (query blocks are processed in chunks of that size).
+    """
+
+    probes: int = 2
+    placement: str = "ends"
+    chunk_mb: int = 256
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_int("probes", self.probes, 1)
+        if self.probes > self.block_size:
+            raise ValueError(f"probes must be <= block_size ({self.block_size}), got {self.probes}")
+        check_int("chunk_mb", self.chunk_mb, 1)
+        if self.placement not in PLACEMENTS:
+            raise ValueError(
+                f"unknown placement {self.placement!r}; valid placements: {list(PLACEMENTS)}"
+            )
+
+
+def probe_offsets(length: int, probes: int, placement: str) -> list[int]:
+    """Distinct row offsets (ascending, in ``[0, length)``) of ``min(probes, length)`` probes in a
+    query block of ``length`` rows."""
+    n = min(probes, length)
+    if placement == "ends":
+        if n == 1:
+            return [length - 1]
+        # round(t·(L−1)/(n−1)), half up, in integers; the step is >= 1 so rows are distinct
+        return [(2 * t * (length - 1) + (n - 1)) // (2 * (n - 1)) for t in range(n)]
+    if placement == "middle":
+        start = (length - n) // 2
+        return list(range(start, start + n))
+    if placement == "uniform":
+        return [((2 * t + 1) * length) // (2 * n) for t in range(n)]
+    if placement == "last":
+        return list(range(length - n, length))
+    raise ValueError(f"unknown placement {placement!r}; valid placements: {list(PLACEMENTS)}")
+
+
+def probe_layout(
+    sq: int, block_size: int, probes: int, placement: str, device=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Probe rows and weights of every query block.
+
+    Returns ``rows`` int64 [NQB, P] (query-local row index of each probe slot) and ``weights``
+    float32 [NQB, P] (1/P' on the block's P' distinct probes, 0 on the padding slots of a short
+    last block, which repeat its last probe row).
+    """
+    nqb = -(-sq // block_size)
+    rows = torch.empty(nqb, probes, dtype=torch.int64)
+    weights = torch.zeros(nqb, probes, dtype=torch.float32)
+    full = probe_offsets(block_size, probes, placement)
+    for i in range(nqb):
+        length = min(block_size, sq - i * block_size)
+        offs = full if length == block_size else probe_offsets(length, probes, placement)
+        n = len(offs)
+        offs = offs + [offs[-1]] * (probes - n)
+        rows[i] = torch.tensor(offs) + i * block_size
+        weights[i, :n] = 1.0 / n
+    return rows.to(device), weights.to(device)
+
+
+def probe_block_probs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    block_size: int,
+    probes: int,
+    placement: str = "ends",
+    chunk_mb: int = 256,
+) -> torch.Tensor:
+    """Probe estimate of the block attention mass: float32 [B, Hq, NQB, NKB], rows sum to 1.
+
+    q [B, Hq, Sq, D], k [B, Hkv, Sk, D] (Sk >= Sq, post-RoPE). See the module docstring.
+    """
+    b, hq, sq, d = q.shape
+    hkv, sk = k.shape[1], k.shape[2]
+    g = hq // hkv
+    bs = block_size
+    dev = q.device
+    nqb, nkb = -(-sq // bs), -(-sk // bs)
+    prefix = sk - sq
+    scale = d**-0.5
+    rows_cpu, weights = probe_layout(sq, bs, probes, placement)
+    rows, weights = rows_cpu.to(dev), weights.to(dev)
+    kt = (k if k.dtype == torch.float32 else k.float()).transpose(-1, -2)  # [B, Hkv, D, Sk]
+    cols = torch.arange(sk, device=dev)
+    row_bytes = b * hq * sk * 4
+    per_chunk = max(1, (chunk_mb << 20) // (row_bytes * probes))
+    out = torch.zeros(b, hq, nqb, nkb, dtype=torch.float32, device=dev)
+    for i0 in range(0, nqb, per_chunk):
+        i1 = min(i0 + per_chunk, nqb)
+        r = rows[i0:i1].flatten()  # [n·P]
+        n_rows = r.numel()
+        # keys past the chunk's last probe are masked for every row: leave them out
+        kc = prefix + int(rows_cpu[i1 - 1].max()) + 1
+        n_full, nkb_c = kc // bs, -(-kc // bs)
+        qp = q.index_select(2, r).float().view(b, hkv, g * n_rows, d)
+        s = torch.matmul(qp, kt[..., :kc]).view(b, hq, n_rows, kc).mul_(scale)
+        s.masked_fill_(cols[None, :kc] > (r + prefix)[:, None], float("-inf"))
+        s.sub_(s.amax(dim=-1, keepdim=True)).exp_()
+        s.div_(s.sum(dim=-1, keepdim=True))  # [B, Hq, n·P, kc]
+        parts = []
+        if n_full:
+            parts.append(s[..., : n_full * bs].unflatten(-1, (n_full, bs)).sum(-1))
+        if kc > n_full * bs:
+            parts.append(s[..., n_full * bs :].sum(-1, keepdim=True))
+        blk = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)  # [B, Hq, n·P, nkb_c]
+        del s
+        blk = blk.view(b, hq, i1 - i0, probes, nkb_c)
+        out[:, :, i0:i1, :nkb_c] = (blk * weights[i0:i1, :, None]).sum(3)
+    return out
+
+
+@register_scorer("probe")
+class ProbeScorer(Scorer):
+    """Exact probe queries per block; see the module docstring for the exact definition."""
+
+    Config = ProbeConfig
+
+    def block_probs(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """float32 [B, Hq, NQB, NKB]: the probes' block-mass estimate (rows sum to 1)."""
+        c = self.config
+        return probe_block_probs(q, k, c.block_size, c.probes, c.placement, c.chunk_mb)
+
+    def select(self, q: torch.Tensor, k: torch.Tensor) -> BlockSelection:
+        c = self.config
+        sq, sk = q.shape[2], k.shape[2]
+        visible, _ = block_causal(sq, sk, c.block_size, q.device)
+        if c.rule == "top_p" and c.threshold >= 1.0:
+            keep = visible.expand(q.shape[0], q.shape[1], *visible.shape)
+            return self.finalize(keep, sq, sk)
+        probs = self.block_probs(q, k)
+        keep = apply_rule(probs, visible, c.rule, c.threshold, c.top_k, c.min_prob)
+        return self.finalize(keep, sq, sk)

@@ -1,0 +1,93 @@
+"""Plain float64 loop reference for the probe scorer (issue 11), written without prism's helpers.
+
+Loops over batch, query head, query block and probe; each probe's causal softmax is computed on
+its own row, its probabilities are added key by key into their blocks."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def naive_probe_rows(length: int, probes: int, placement: str) -> list[int]:
+    """Offsets of the probes inside a query block of ``length`` real rows (float arithmetic)."""
+    n = min(probes, length)
+    if placement == "ends":
+        if n == 1:
+            return [length - 1]
+        return [int(math.floor(t * (length - 1) / (n - 1) + 0.5)) for t in range(n)]
+    if placement == "middle":
+        first = (length - n) // 2
+        return [first + t for t in range(n)]
+    if placement == "uniform":
+        return [int(math.floor((t + 0.5) * length / n)) for t in range(n)]
+    if placement == "last":
+        return [length - n + t for t in range(n)]
+    raise ValueError(placement)
+
+
+def naive_probe_probs(q, k, bs=128, probes=2, placement="ends") -> torch.Tensor:
+    """float64 [B, Hq, NQB, NKB] probe estimate of the block mass (rows sum to 1)."""
+    b, hq, sq, d = q.shape
+    hkv, sk = k.shape[1], k.shape[2]
+    g = hq // hkv
+    prefix = sk - sq
+    nqb, nkb = math.ceil(sq / bs), math.ceil(sk / bs)
+    qd, kd = q.double(), k.double()
+    out = torch.zeros(b, hq, nqb, nkb, dtype=torch.float64)
+    for bb in range(b):
+        for h in range(hq):
+            keys = kd[bb, h // g]
+            for i in range(nqb):
+                length = min(bs, sq - i * bs)
+                offs = naive_probe_rows(length, probes, placement)
+                acc = [0.0] * nkb
+                for r in offs:
+                    t = i * bs + r
+                    a = prefix + t  # absolute position: sees keys 0 .. a
+                    z = (keys[: a + 1] @ qd[bb, h, t]) / math.sqrt(d)
+                    e = torch.exp(z - z.max())
+                    p = e / e.sum()
+                    for j in range(nkb):
+                        acc[j] += float(p[j * bs : (j + 1) * bs].sum())  # empty past a: 0
+                for j in range(nkb):
+                    out[bb, h, i, j] = acc[j] / len(offs)
+    return out
+
+
+def _visible_row(i, sq, sk, bs):
+    last = (sk - sq) + min((i + 1) * bs, sq) - 1
+    return [j for j in range(math.ceil(sk / bs)) if j * bs <= last]
+
+
+def naive_probe(
+    q,
+    k,
+    bs=128,
+    probes=2,
+    placement="ends",
+    p=0.95,
+    force_sink=True,
+    force_diagonal=True,
+) -> torch.Tensor:
+    """bool [B, Hq, NQB, NKB]: top-p on the probe estimate plus the forced blocks."""
+    probs = naive_probe_probs(q, k, bs, probes, placement)
+    b, hq, nqb, nkb = probs.shape
+    sq, sk = q.shape[2], k.shape[2]
+    mask = torch.zeros(b, hq, nqb, nkb, dtype=torch.bool)
+    for bb in range(b):
+        for h in range(hq):
+            for i in range(nqb):
+                vis = _visible_row(i, sq, sk, bs)
+                order = sorted(vis, key=lambda j: -float(probs[bb, h, i, j]))
+                before = 0.0
+                for j in order:
+                    if p >= 1.0 or before < p:
+                        mask[bb, h, i, j] = True
+                    before += float(probs[bb, h, i, j])
+                for j in vis:
+                    partial = j * bs + bs - 1 > (sk - sq) + i * bs
+                    if (force_sink and j == 0) or (force_diagonal and partial):
+                        mask[bb, h, i, j] = True
+    return mask
