@@ -204,7 +204,10 @@ def policy_kwargs(name: str, length: int, cfg: Defaults) -> dict | None:
     kw["scorer"] = scorer
     for item in filter(None, rest.split(",")):
         key, val = item.split("=", 1)
-        kw[key] = json.loads(val) if val[:1] in "0123456789[{tf-" else val
+        try:
+            kw[key] = json.loads(val)
+        except ValueError:
+            kw[key] = val
     return kw
 
 

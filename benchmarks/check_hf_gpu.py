@@ -72,10 +72,10 @@ def main(argv=None) -> int:
         model = tiny(fam)
         dense = model(input_ids=ids).logits
         for backend in args.backends:
-            prism.patch_model(model, threshold=1.0, backend=backend)
+            prism.patch_model(model, threshold=1.0, backend=backend, min_len=256)
             full = model(input_ids=ids).logits
             e1 = rel(full, dense)
-            prism.patch_model(model, threshold=args.threshold, backend=backend)
+            prism.patch_model(model, threshold=args.threshold, backend=backend, min_len=256)
             with prism.collect_stats(model) as st:
                 sparse = model(input_ids=ids).logits
             e2 = rel(sparse, dense)
@@ -91,7 +91,7 @@ def main(argv=None) -> int:
                 flush=True,
             )
             prism.unpatch_model(model)
-        prism.patch_model(model, threshold=args.threshold, backend="flex")
+        prism.patch_model(model, threshold=args.threshold, backend="flex", min_len=256)
         eager = model(input_ids=ids, use_cache=False).logits
         compiled = torch.compile(model, fullgraph=True)
         comp = compiled(input_ids=ids, use_cache=False).logits

@@ -24,7 +24,7 @@ GGUF=/root/b/SmolLM2-135M-Instruct.Q4_1.gguf
 if [ "$phase" = model ]; then
   timeout 500 python3 benchmarks/bench_model.py gguf=$GGUF \
     lengths=[8192,16384,32768,65536,131072] \
-    'policies=[dense,prism,prism:backend=triton,meanpool,xattn,probe@32768,probe:threshold=0.98@32768]' \
+    'policies=[dense,prism,prism:backend=triton,meanpool,xattn,probe@32768,probe:threshold=0.98@32768,cfg:prism/configs/policies/smollm2_probe_r98.yaml@32768]' \
     reps=3 warmup=1 profile=[32768] out=$OUT/model_h200 2>&1 | grep -v Warning
 elif [ "$phase" = eightb ]; then
   timeout 300 python3 benchmarks/bench_model.py model=random-llama8b lengths=[32768,131072] \

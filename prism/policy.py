@@ -20,10 +20,12 @@ if TYPE_CHECKING:
 
     from .stats import PrismStats
 
+#: the default ``min_len`` on CUDA: the measured crossover of benchmarks/bench_model.py on the
+#: H200 (benchmarks/results/model_h200.md): the patched embedded model (SmolLM2-135M, Prism,
+#: flex backend with FA4) was 0.50x dense at 8K and 0.62x at 16K, 2.0x at 32K and 3.0x at 64K
+CUDA_MIN_LEN = 32768
+
 #: keys of a policy config that are not scorer parameters
-#: the default ``min_len`` on CUDA: the pre-fill length from which the patched embedded model
-#: (SmolLM2-135M, flex backend with FA4, H200) beat dense SDPA in benchmarks/bench_model.py
-CUDA_MIN_LEN = 16384
 
 POLICY_KEYS = ("backend", "min_len", "min_query_len", "dense_layers", "layers", "padding")
 PADDING_MODES = ("sparse", "dense")

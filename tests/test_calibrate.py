@@ -86,5 +86,5 @@ def test_calibrated_policy_loads_and_runs(tiny, tmp_path):
         finally:
             prism.unpatch_model(model)
     assert torch.isfinite(sparse).all()
-    assert st.overall_density is None or st.overall_density < 1
+    assert st.overall_density < 1  # CPU: the default min_len is two blocks
     assert (sparse - dense).abs().max() < 1.0  # calibrated to 95 % recall: close to dense

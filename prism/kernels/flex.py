@@ -93,7 +93,7 @@ def _offset_flex(q, k, v, kv_num, kv_idx, full_num, full_idx, offset, block_size
     into a dynamic scalar that FA4 (FLASH backend) rejects."""
 
     def mask_mod(b, h, q_idx, kv_idx):
-        return q_idx + offset[0] >= kv_idx
+        return offset[q_idx] >= kv_idx
 
     bm = BlockMask.from_kv_blocks(
         kv_num,
@@ -112,13 +112,15 @@ _COMPILED_OFFSET = None
 _OFFSETS: dict[tuple[int, torch.device], torch.Tensor] = {}
 
 
-def _offset_tensor(prefix: int, device: torch.device) -> torch.Tensor:
+def _offset_tensor(prefix: int, sq: int, device: torch.device) -> torch.Tensor:
     """A cached int32 [1] device tensor holding ``prefix`` (no host->device copy per call)."""
-    key = (int(prefix), device)
+    key = (int(prefix), int(sq), device)
     if key not in _OFFSETS:
         if len(_OFFSETS) > 256:
             _OFFSETS.clear()
-        _OFFSETS[key] = torch.tensor([int(prefix)], dtype=torch.int32, device=device)
+        _OFFSETS[key] = torch.arange(
+            int(prefix), int(prefix) + sq, dtype=torch.int32, device=device
+        )
     return _OFFSETS[key]
 
 
@@ -160,7 +162,7 @@ def flex_sparse_attention(
             block_mask.kv_indices,
             block_mask.full_kv_num_blocks,
             block_mask.full_kv_indices,
-            _offset_tensor(prefix, q.device),
+            _offset_tensor(prefix, q.shape[2], q.device),
             block_mask.BLOCK_SIZE,
             scale,
             gqa,

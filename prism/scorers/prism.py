@@ -28,6 +28,11 @@ from .pooling import gqa_scores, pool_blocks
 
 ROPE_LAYOUTS = ("half", "interleaved")
 IMPLS = ("auto", "torch", "triton")
+# the config fields PrismScorer.kernel_params depends on
+_KERNEL_KNOBS = (
+    "block_size", "high_dims", "low_dims", "threshold", "threshold_high", "threshold_low",
+    "rule", "top_k", "min_prob", "calibrate", "rope_layout", "force_sink", "force_diagonal",
+)  # fmt: skip
 
 
 @dataclass
@@ -129,10 +134,15 @@ class PrismScorer(Scorer):
         return p_high, p_low
 
     def kernel_params(self, d: int) -> PrismKernelParams:
-        """This config resolved for head dim ``d``: the fused estimator's parameters."""
+        """This config resolved for head dim ``d``: the fused estimator's parameters (cached per
+        ``d`` and config values: this is on the per-call host path)."""
         c = self.config
+        key = (d, *(getattr(c, f) for f in _KERNEL_KNOBS))
+        cached = self.__dict__.get("_kernel_params")
+        if cached is not None and cached[0] == key:
+            return cached[1]
         (w_hi, w_lo), (p_hi, p_lo) = self.band_widths(d), self.band_thresholds()
-        return PrismKernelParams(
+        params = PrismKernelParams(
             block_size=c.block_size,
             high_dims=w_hi,
             low_dims=w_lo,
@@ -146,6 +156,8 @@ class PrismScorer(Scorer):
             force_sink=c.force_sink,
             force_diagonal=c.force_diagonal,
         )
+        self._kernel_params = (key, params)
+        return params
 
     # -- the PyTorch path ---------------------------------------------------------------------
     def band_probs(self, q: torch.Tensor, k: torch.Tensor) -> Iterator[torch.Tensor]:
@@ -181,30 +193,36 @@ class PrismScorer(Scorer):
         return self.finalize(keep, sq, sk)
 
     # -- the fused Triton path ----------------------------------------------------------------
-    def select_triton(self, q: torch.Tensor, k: torch.Tensor) -> BlockSelection:
+    def select_triton(
+        self, q: torch.Tensor, k: torch.Tensor, params: PrismKernelParams | None = None
+    ) -> BlockSelection:
         """The fused estimator: a list-stored selection (its ``block_mask()`` wraps the lists the
         kernel wrote). Raises where the kernel cannot run (no Triton, CPU without the
-        interpreter, unsupported inputs)."""
-        lists = prism_select_block_lists(q, k, self.kernel_params(q.shape[-1]))
+        interpreter, unsupported inputs). ``params``: :meth:`kernel_params` if already made."""
+        params = params or self.kernel_params(q.shape[-1])
+        lists = prism_select_block_lists(q, k, params)
         return BlockSelection.from_lists(lists, q.shape[2], k.shape[2], self.config.block_size)
+
+    def _route(self, q: torch.Tensor, k: torch.Tensor) -> tuple[str, PrismKernelParams | None]:
+        impl = self.config.impl
+        if impl != "auto":
+            return impl, None
+        if q.is_cuda and not torch.compiler.is_compiling() and triton_available():
+            params = self.kernel_params(q.shape[-1])
+            if supports(q, k, params):
+                return "triton", params
+        return "torch", None
 
     def resolve_impl(self, q: torch.Tensor, k: torch.Tensor) -> str:
         """``"triton"`` or ``"torch"``: the path :meth:`select` takes for these inputs."""
-        impl = self.config.impl
-        if impl != "auto":
-            return impl
-        if (
-            q.is_cuda
-            and not torch.compiler.is_compiling()
-            and triton_available()
-            and supports(q, k, self.kernel_params(q.shape[-1]))
-        ):
-            return "triton"
-        return "torch"
+        return self._route(q, k)[0]
 
     def select(self, q: torch.Tensor, k: torch.Tensor) -> BlockSelection:
-        path = self.resolve_impl(q, k)
-        sel = self.select_triton(q, k) if path == "triton" else self.select_torch(q, k)
+        path, params = self._route(q, k)
+        if path == "triton":
+            sel = self.select_triton(q, k, params)
+        else:
+            sel = self.select_torch(q, k)
         if not torch.compiler.is_compiling():
             self.last_path = path
         return sel
