@@ -13,10 +13,10 @@ Before timing, each (length, scorer) checks that every backend agrees with the T
 
 from __future__ import annotations
 
-import argparse
 import csv
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -99,15 +99,20 @@ def run_length(S: int, args) -> list[dict]:
     return rows
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768, 131072])
-    ap.add_argument("--scorers", nargs="+", default=["prism", "meanpool", "xattn"])
-    ap.add_argument("--backends", nargs="+", default=["triton", "flex"])
-    ap.add_argument("--rep-ms", type=int, default=150)
-    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
-    ap.add_argument("--tag", default="e2e_h200")
-    args = ap.parse_args()
+@dataclass
+class E2EArgs:
+    lengths: list[int] = field(default_factory=lambda: [8192, 32768, 131072])
+    scorers: list[str] = field(default_factory=lambda: ["prism", "meanpool", "xattn"])
+    backends: list[str] = field(default_factory=lambda: ["triton", "flex"])
+    rep_ms: int = 150
+    out: str = str(REPO / "benchmarks" / "results")
+    tag: str = "e2e_h200"
+
+
+def main(argv=None):
+    from prism.cli import parse_cli
+
+    args = parse_cli(E2EArgs, argv, description=__doc__)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     dev = torch.cuda.get_device_name()

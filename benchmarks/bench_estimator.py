@@ -240,14 +240,9 @@ def copy_bw_gbps() -> float:
 
 
 def to_md(rows, cols) -> str:
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in rows:
-        cells = []
-        for c in cols:
-            v = r.get(c, "")
-            cells.append(f"{v:.3f}" if isinstance(v, float) else str(v))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    from prism.utils.tables import markdown_table
+
+    return markdown_table(cols, [[r.get(c, "") for c in cols] for r in rows], digits=3)
 
 
 def sweep_plan(lengths):

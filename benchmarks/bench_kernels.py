@@ -22,12 +22,12 @@ Writes <tag>.csv, <tag>.md and <tag>_cmd.txt under --out.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import importlib
 import sys
 import time
 import types
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -322,21 +322,26 @@ def sweep_d64(log, adopt):
         log(f"adopted for D=64: {best[0]}")
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--lengths", type=int, nargs="*", default=[32768, 131072])
-    ap.add_argument("--densities", type=float, nargs="+", default=[0.05, 0.1, 0.2, 0.4])
-    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
-    ap.add_argument("--tag", default="kernels_h200")
-    ap.add_argument(
-        "--sweep", action="store_true", help="time the tile configs first (128K@5%% and 10%%)"
+@dataclass
+class KernelArgs:
+    lengths: list[int] = field(default_factory=lambda: [32768, 131072])
+    densities: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.2, 0.4])
+    out: str = str(REPO / "benchmarks" / "results")
+    tag: str = "kernels_h200"
+    sweep: bool = field(
+        default=False, metadata={"help": "time the tile configs first (128K@5% and 10%)"}
     )
-    ap.add_argument("--skip-check", action="store_true")
-    ap.add_argument(
-        "--adopt-best", action="store_true", help="use the sweep config fastest in total below"
+    skip_check: bool = False
+    adopt_best: bool = field(
+        default=False, metadata={"help": "use the sweep config fastest in total below"}
     )
-    ap.add_argument("--no-flex", action="store_true")
-    args = ap.parse_args()
+    flex: bool = field(default=True, metadata={"help": "also time FlexAttention (--no-flex: off)"})
+
+
+def main(argv=None):
+    from prism.cli import parse_cli
+
+    args = parse_cli(KernelArgs, argv, description=__doc__)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     lines = []
@@ -381,7 +386,7 @@ def main():
         flash_t = bench(make_sdpa(q, k, v, SDPBackend.FLASH_ATTENTION), rep)
         rows.append(dict(S=S, kernel="sdpa_flash_dense", density=1.0, ms=flash_t))
         bm_dense, _ = random_causal_block_mask(1, 1, S, S, BS, 1.0, device="cuda")
-        if not args.no_flex:
+        if not (not args.flex):
             t = bench(lambda: _flex(q, k, v, block_mask=bm_dense, enable_gqa=True), rep)
             rows.append(dict(S=S, kernel="flex_triton_dense", density=1.0, ms=t))
             if has_flash:
@@ -410,7 +415,7 @@ def main():
                 lambda: bsp.block_sparse_attention(q, k, v, bm), max(100, int(rep * dens * 2))
             )
             ours = bsp.block_sparse_attention(q, k, v, bm)
-            if not args.no_flex:
+            if not (not args.flex):
                 fx = _flex(q, k, v, block_mask=bm, enable_gqa=True)
                 log(f"S={S} density {d:.3f}: ours vs flex rel diff {rel(ours, fx):.2e}")
                 t = bench(

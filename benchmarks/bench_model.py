@@ -493,29 +493,17 @@ def write_csv(path: str, row: dict) -> None:
 
 
 def table(rows) -> str:
-    cols = [
-        "length",
-        "policy",
-        "prefill_ms",
-        "speedup",
-        "attn_ms",
-        "est_ms",
-        "kernel_ms",
-        "cudnn_ms",
-        "density",
-        "dppl",
-        "peak_gb",
-    ]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    from prism.utils.tables import markdown_table
+
+    cols = ["length", "policy", "prefill_ms", "speedup", "attn_ms", "est_ms", "kernel_ms",
+            "cudnn_ms", "density", "dppl", "peak_gb"]  # fmt: skip
+    body = []
     for r in rows:
-        cells = []
-        for c in cols:
-            v = r.get(c, "")
-            cells.append(f"{v:.3f}" if isinstance(v, float) else str(v))
+        cells = [r.get(c, "") for c in cols]
         if "error" in r:
             cells[2] = r["error"][:60]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        body.append(cells)
+    return markdown_table(cols, body, digits=3)
 
 
 def profile(model, ids, path, say) -> None:

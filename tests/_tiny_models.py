@@ -1,56 +1,17 @@
 """Tiny random transformers models for the tests (Llama, Qwen2, Qwen3, Mistral; built offline).
 
-The one place that builds them. Every model shares the attention shapes (Hq=4, Hkv=2, D=32,
-hidden 64) so a compiled flex kernel is reused across tests and families.
+Built by ``prism.models.tiny`` (the one place that builds them). Every model shares the
+attention shapes (Hq=4, Hkv=2, D=32, hidden 64) so a compiled flex kernel is reused across tests
+and families.
 """
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 
-VOCAB = 512
-FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
-
-
-def config_class(family: str):
-    import transformers
-
-    names = {
-        "llama": "LlamaConfig",
-        "qwen2": "Qwen2Config",
-        "qwen3": "Qwen3Config",
-        "mistral": "MistralConfig",
-    }
-    if family not in names:
-        raise ValueError(f"unknown tiny model family {family!r}; valid: {list(names)}")
-    return getattr(transformers, names[family])
-
-
-def tiny_config(family: str = "llama", layers: int = 2, **overrides):
-    """A tiny config of ``family``: 4 query heads, 2 KV heads, head dim 32, vocabulary 512."""
-    kw = dict(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=32,
-        max_position_embeddings=4096,
-    )
-    kw.update(overrides)
-    return config_class(family)(**kw)
-
-
-def tiny_model(family: str = "llama", seed: int = 0, layers: int = 2, **overrides):
-    """A tiny random model in eval mode, loaded with ``attn_implementation="sdpa"``."""
-    from transformers import AutoModelForCausalLM
-
-    cfg = tiny_config(family, layers, **overrides)
-    torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
+from prism.models.tiny import TINY_FAMILIES as FAMILIES  # noqa: F401 (re-export)
+from prism.models.tiny import TINY_VOCAB as VOCAB
+from prism.models.tiny import config_class, tiny_config, tiny_model  # noqa: F401 (re-exports)
 
 
 def ids_of(n: int, batch: int = 1, seed: int = 1) -> torch.Tensor:
@@ -66,10 +27,9 @@ def logits(model, ids, **kw) -> torch.Tensor:
 
 def cache_kw(model) -> dict:
     """Keyword arguments that make ``model`` fill a fresh DynamicCache."""
-    from transformers import DynamicCache
+    from prism.models import cache_kwargs
 
-    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    return {name: DynamicCache(config=model.config), "use_cache": True}
+    return cache_kwargs(model)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
