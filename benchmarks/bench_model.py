@@ -68,9 +68,10 @@ class Defaults:
 def english_text() -> str:
     """Real English text every Python install has: pydoc topics + stdlib module docstrings."""
     import importlib
-    from pydoc_data.topics import topics
 
-    parts = [topics[k].strip() for k in sorted(topics)]
+    from prism.needle import pydoc_text
+
+    parts = [pydoc_text()]
     skip = ("antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "pydoc_data")
     for mod in sorted(sys.stdlib_module_names):
         if mod.startswith("_") or mod in skip:
@@ -272,13 +273,9 @@ def cuda_time(fn, reps: int, warmup: int = 2) -> float:
 @torch.no_grad()
 def nll(model, h, ids, chunk: int = 4096) -> float:
     """Mean next-token NLL of the hidden states ``h`` [1, S, H] (lm_head in chunks)."""
-    total, count = 0.0, 0
-    for s in range(0, h.shape[1] - 1, chunk):
-        e = min(s + chunk, h.shape[1] - 1)
-        logits = model.lm_head(h[:, s:e]).float()
-        total += float(F.cross_entropy(logits[0], ids[0, s + 1 : e + 1], reduction="sum"))
-        count += e - s
-    return total / count
+    from prism.eval.perplexity import hidden_losses
+
+    return float(hidden_losses(model.lm_head, h[0, :-1], ids[0, 1:], chunk).mean())
 
 
 # ------------------------------------------------------------------------------------------

@@ -22,6 +22,18 @@ def _decoder_and_head(model):
 
 
 @torch.no_grad()
+def hidden_losses(head, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = 1024):
+    """Per-token NLL, float64 [N], of ``hidden`` [N, H] (through the output ``head``, ``chunk``
+    rows at a time, so the logits never exceed chunk x vocabulary) against ``targets`` [N]."""
+    losses = torch.empty(hidden.shape[0], dtype=torch.float64, device=hidden.device)
+    for start in range(0, hidden.shape[0], chunk):
+        stop = min(start + chunk, hidden.shape[0])
+        logits = head(hidden[start:stop]).float()
+        losses[start:stop] = F.cross_entropy(logits, targets[start:stop], reduction="none").double()
+    return losses
+
+
+@torch.no_grad()
 def window_nll(
     model, input_ids: torch.Tensor, tail: float = 0.5, chunk: int = 1024
 ) -> dict[str, float]:
@@ -33,18 +45,12 @@ def window_nll(
         raise ValueError("a window needs at least 2 tokens")
     decoder, head = _decoder_and_head(model)
     targets = input_ids[0, 1:]
-    losses = torch.empty(s - 1, dtype=torch.float64)
     if decoder is not None and head is not None:
         hidden = decoder(input_ids=input_ids, use_cache=False).last_hidden_state[0]
-        for start in range(0, s - 1, chunk):
-            stop = min(start + chunk, s - 1)
-            logits = head(hidden[start:stop]).float()
-            losses[start:stop] = F.cross_entropy(
-                logits, targets[start:stop], reduction="none"
-            ).double()
+        losses = hidden_losses(head, hidden[:-1], targets, chunk).cpu()
     else:
         logits = model(input_ids=input_ids, use_cache=False).logits[0, :-1].float()
-        losses[:] = F.cross_entropy(logits, targets, reduction="none").double()
+        losses = F.cross_entropy(logits, targets, reduction="none").double().cpu()
     n_tail = max(1, int(round((s - 1) * tail))) if tail > 0 else 0
     return {
         "nll_sum": float(losses.sum()),

@@ -13,7 +13,14 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from ..masks.blockmask import is_causal_mask_mod
 
-_COMPILED = None
+_COMPILED: dict = {}
+
+
+def _compiled(fn):
+    """``torch.compile(fn)``, compiled once per process and cached."""
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn)
+    return _COMPILED[fn]
 
 
 def _compile_limits():
@@ -37,10 +44,7 @@ def _compile_limits():
 
 def compiled_flex_attention():
     """The process-wide compiled ``flex_attention``."""
-    global _COMPILED
-    if _COMPILED is None:
-        _COMPILED = torch.compile(flex_attention)
-    return _COMPILED
+    return _compiled(flex_attention)
 
 
 _FLASH_OK: dict[int, bool] = {}
@@ -88,9 +92,11 @@ def _kernel_options(q: torch.Tensor, block_mask: BlockMask, impl: str) -> dict |
 
 def _offset_flex(q, k, v, kv_num, kv_idx, full_num, full_idx, offset, block_size, scale, gqa, opts):
     """flex_attention over causal block lists with a cached prefix: the BlockMask is rebuilt
-    here, inside the compiled region, with the offset ``Sk - Sq`` read from ``offset`` (int32
-    [1], an input of the compiled function) instead of a captured Python int, which Dynamo turns
-    into a dynamic scalar that FA4 (FLASH backend) rejects."""
+    here, inside the compiled region, with the queries' absolute positions read from ``offset``
+    (int32 [Sq] = ``Sk - Sq + arange(Sq)``, an input of the compiled function) instead of a
+    captured Python int, which Dynamo turns into a dynamic scalar that FA4 (FLASH backend)
+    rejects; FA4 also rejects a scalar read of a captured tensor (``offset[0]``), not a read
+    indexed by ``q_idx``."""
 
     def mask_mod(b, h, q_idx, kv_idx):
         return offset[q_idx] >= kv_idx
@@ -108,12 +114,12 @@ def _offset_flex(q, k, v, kv_num, kv_idx, full_num, full_idx, offset, block_size
     return flex_attention(q, k, v, block_mask=bm, scale=scale, enable_gqa=gqa, kernel_options=opts)
 
 
-_COMPILED_OFFSET = None
-_OFFSETS: dict[tuple[int, torch.device], torch.Tensor] = {}
+_OFFSETS: dict[tuple[int, int, torch.device], torch.Tensor] = {}
 
 
 def _offset_tensor(prefix: int, sq: int, device: torch.device) -> torch.Tensor:
-    """A cached int32 [1] device tensor holding ``prefix`` (no host->device copy per call)."""
+    """The absolute positions of the queries, ``prefix + arange(Sq)``: a cached int32 [Sq]
+    device tensor (no host->device copy per call)."""
     key = (int(prefix), int(sq), device)
     if key not in _OFFSETS:
         if len(_OFFSETS) > 256:
@@ -122,13 +128,6 @@ def _offset_tensor(prefix: int, sq: int, device: torch.device) -> torch.Tensor:
             int(prefix), int(prefix) + sq, dtype=torch.int32, device=device
         )
     return _OFFSETS[key]
-
-
-def _compiled_offset_flex():
-    global _COMPILED_OFFSET
-    if _COMPILED_OFFSET is None:
-        _COMPILED_OFFSET = torch.compile(_offset_flex)
-    return _COMPILED_OFFSET
 
 
 def flex_sparse_attention(
@@ -169,7 +168,7 @@ def flex_sparse_attention(
             opts,
         )
         with _compile_limits():
-            return _compiled_offset_flex()(*args)
+            return _compiled(_offset_flex)(*args)
     kwargs = dict(block_mask=block_mask, scale=scale, enable_gqa=gqa, kernel_options=opts)
     if torch.compiler.is_compiling():  # inside the caller's graph: the plain function
         return flex_attention(q, k, v, **kwargs)

@@ -28,7 +28,7 @@ import math
 
 import torch
 
-from ..masks.blockmask import lists_to_bool
+from ..masks.blockmask import block_mask_to_bool
 
 __all__ = ["dense_block_maps", "reference_attention"]
 
@@ -49,10 +49,7 @@ def dense_block_maps(block_mask, nkb: int | None = None) -> tuple[torch.Tensor, 
     """
     if nkb is None:
         nkb = -(-int(block_mask.seq_lengths[1]) // _block_sizes(block_mask)[1])
-    partial = lists_to_bool(block_mask.kv_num_blocks, block_mask.kv_indices, nkb)
-    if block_mask.full_kv_num_blocks is None:
-        return partial, torch.zeros_like(partial)
-    return partial, lists_to_bool(block_mask.full_kv_num_blocks, block_mask.full_kv_indices, nkb)
+    return block_mask_to_bool(block_mask, nkb)
 
 
 def reference_attention(

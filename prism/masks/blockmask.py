@@ -141,10 +141,13 @@ def lists_to_block_mask(
     )
 
 
-def block_mask_to_bool(bm: BlockMask) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inverse of :func:`selection_to_block_mask`: (partial, full) bool [B, H, NQB, NKB]."""
+def block_mask_to_bool(bm: BlockMask, nkb: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`selection_to_block_mask`: (partial, full) bool [B, H, NQB, NKB].
 
-    nkb = bm.kv_indices.shape[-1]
+    ``nkb`` defaults to the width of the index lists (lists narrower than ``nkb`` are fine).
+    Anything with the four list attributes works (no ``mask_mod`` is read)."""
+    if nkb is None:
+        nkb = bm.kv_indices.shape[-1]
     partial = lists_to_bool(bm.kv_num_blocks, bm.kv_indices, nkb)
     if bm.full_kv_num_blocks is None:
         return partial, torch.zeros_like(partial)

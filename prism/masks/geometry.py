@@ -45,9 +45,6 @@ def _geometry(sq: int, sk: int, bs: int) -> tuple[torch.Tensor, torch.Tensor]:
     return visible, partial
 
 
-_geometry_cached = functools.lru_cache(maxsize=64)(_geometry)
-
-
 def block_causal(
     sq: int, sk: int, block_size: int, device: torch.device | str | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,7 +72,7 @@ def block_causal(
 
 @functools.lru_cache(maxsize=128)
 def _geometry_on(sq: int, sk: int, bs: int, device: torch.device | None):
-    visible, partial = _geometry_cached(sq, sk, bs)
+    visible, partial = _geometry(sq, sk, bs)
     if device is not None:
         visible, partial = visible.to(device), partial.to(device)
     return visible, partial
