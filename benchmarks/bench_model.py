@@ -6,7 +6,8 @@ shape with random weights, ``model=random-llama8b`` a Llama-3.1-8B shape) on rea
 model's trained context. Per (length, policy):
 
 * ``prefill_ms``: ``model.model(ids)`` + the last token's logits (what a TTFT pays), median of
-  ``reps`` CUDA-event timings after a warm-up (compiles happen there);
+  ``reps`` CUDA-event timings after a warm-up (compiles happen there); ``compile=true`` runs
+  every policy, the dense baselines included, with ``prism.compile_regions(model)``;
 * ``attn_ms``: ``prefill_ms`` minus the same forward with a null attention (zeros), i.e. the
   time the attention calls cost inside the model, their Python and launch overhead included;
 * ``est_ms`` / ``kernel_ms``: the estimator (+ BlockMask) and the sparse kernel alone, summed
@@ -60,6 +61,9 @@ class Defaults:
     min_len: int = 0  # policy min_len (0 = every pre-fill sparse)
     out: str = "benchmarks/results/model_h200"
     check: bool = True
+    # prism.compile_regions(model): every decoder layer compiled (dynamic shapes), the attention
+    # call eager; applies to the dense baselines and every policy alike
+    compile: bool = False
 
 
 # ------------------------------------------------------------------------------------------
@@ -335,6 +339,9 @@ def run(cfg: Defaults) -> None:
             say(line)
     register_helpers()
     model, tok = load(cfg, max(cfg.lengths))
+    if cfg.compile:
+        prism.compile_regions(model)
+        say("compile_regions: every decoder layer compiled (dynamic=True), attention eager")
     c = model.config
     say(
         f"model {cfg.model}: layers={c.num_hidden_layers} heads={c.num_attention_heads}/"

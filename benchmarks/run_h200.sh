@@ -6,6 +6,8 @@
 # call and copied to /root/x), while the machine stays warm. Then:
 #   bash benchmarks/run_h200.sh model    # real SmolLM2-135M, every policy, 8K-128K
 #   bash benchmarks/run_h200.sh eightb   # Llama-3.1-8B shape, fixed densities; GPU tests; HF check
+#   bash benchmarks/run_h200.sh probe    # fused probe estimator: whole model eager + compile_regions
+#   bash benchmarks/run_h200.sh checks   # FA4 HF check, every GPU test, probe estimator timing
 set -uo pipefail
 phase=${1:-model}
 OUT=${OUT:-/tmp/out}
@@ -26,6 +28,20 @@ if [ "$phase" = model ]; then
     lengths=[8192,16384,32768,65536,131072] \
     'policies=[dense,prism,prism:backend=triton,meanpool,xattn,probe@32768,probe:threshold=0.98@32768,cfg:prism/configs/policies/smollm2_probe_r98.yaml@32768]' \
     reps=3 warmup=1 profile=[32768] out=$OUT/model_h200 2>&1 | grep -v Warning
+elif [ "$phase" = probe ]; then
+  P98=cfg:prism/configs/policies/smollm2_probe_r98.yaml
+  P99=cfg:prism/configs/policies/smollm2_probe_r99.yaml
+  timeout 300 python3 benchmarks/bench_model.py gguf=$GGUF \
+    lengths=[8192,16384,32768,65536,131072] "policies=[dense,prism,$P98,$P99]" \
+    reps=3 warmup=1 out=$OUT/model_probe_h200 2>&1 | grep -v Warning
+  timeout 270 python3 benchmarks/bench_model.py gguf=$GGUF compile=true check=false parts=false \
+    lengths=[8192,16384,32768,65536,131072] "policies=[dense,prism,$P98]" \
+    reps=3 warmup=2 out=$OUT/model_compiled_h200 2>&1 | grep -v Warning
+elif [ "$phase" = checks ]; then
+  timeout 120 python3 benchmarks/check_hf_gpu.py 2>&1 | tee $OUT/check_hf_gpu_fa4.log | tail -30
+  timeout 200 python3 -m pytest -q -m gpu --continue-on-collection-errors tests 2>&1 | tee $OUT/gpu_tests_fa4.log | tail -15
+  timeout 150 python3 benchmarks/bench_probe_estimator.py out=$OUT 2>&1 | grep -v Warning \
+    | tee $OUT/probe_estimator_h200.log | tail -30
 elif [ "$phase" = eightb ]; then
   timeout 300 python3 benchmarks/bench_model.py model=random-llama8b lengths=[32768,131072] \
     'policies=[dense,topk:0.05,topk:0.1,topk:0.2,topk:0.4]' reps=1 warmup=1 ppl=false parts=false \

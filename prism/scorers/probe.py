@@ -28,15 +28,23 @@ causal QKᵀ FLOPs.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 
+from ..kernels.estimation.op import triton_available
+from ..kernels.estimation.probe_op import (
+    ProbeKernelParams,
+    probe_select_block_lists,
+    probe_unsupported_reason,
+)
 from ..masks import BlockSelection, apply_rule, block_causal
 from ._validate import check_int
 from .base import ProbScorerConfig, Scorer, register_scorer
 
 PLACEMENTS = ("ends", "middle", "uniform", "last")
+IMPLS = ("auto", "torch", "triton")
 
 
 @dataclass
@@ -45,12 +53,17 @@ class ProbeConfig(ProbScorerConfig):
 
     probes: P, probe queries per query block, 1 <= P <= block_size (default 2).
     placement: where the probes sit in the block: ``ends`` | ``middle`` | ``uniform`` | ``last``.
-    chunk_mb: MiB of float32 scores per step (query blocks are processed in chunks of that size).
+    chunk_mb: MiB of float32 scores per step of the PyTorch path (query blocks are processed in
+        chunks of that size).
+    impl: ``auto`` (the fused Triton estimator on CUDA where it supports the inputs, else
+        PyTorch), ``torch`` or ``triton`` (raises where it cannot run). The same selection up to
+        float rounding at the rule's boundary (tested against each other and the float64 loop).
     """
 
     probes: int = 2
     placement: str = "ends"
     chunk_mb: int = 256
+    impl: str = "auto"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -58,6 +71,8 @@ class ProbeConfig(ProbScorerConfig):
         if self.probes > self.block_size:
             raise ValueError(f"probes must be <= block_size ({self.block_size}), got {self.probes}")
         check_int("chunk_mb", self.chunk_mb, 1)
+        if self.impl not in IMPLS:
+            raise ValueError(f"unknown impl {self.impl!r}; valid: {list(IMPLS)}")
         if self.placement not in PLACEMENTS:
             raise ValueError(
                 f"unknown placement {self.placement!r}; valid placements: {list(PLACEMENTS)}"
@@ -90,8 +105,14 @@ def probe_layout(
 
     Returns ``rows`` int64 [NQB, P] (query-local row index of each probe slot) and ``weights``
     float32 [NQB, P] (1/P' on the block's P' distinct probes, 0 on the padding slots of a short
-    last block, which repeat its last probe row).
+    last block, which repeat its last probe row). Cached per (Sq, BS, P, placement, device):
+    the returned tensors are shared, do not modify them.
     """
+    return _layout_cached(int(sq), int(block_size), int(probes), placement, str(device or "cpu"))
+
+
+@functools.lru_cache(maxsize=256)
+def _layout_cached(sq: int, block_size: int, probes: int, placement: str, device: str):
     nqb = -(-sq // block_size)
     rows = torch.empty(nqb, probes, dtype=torch.int64)
     weights = torch.zeros(nqb, probes, dtype=torch.float32)
@@ -126,8 +147,8 @@ def probe_block_probs(
     nqb, nkb = -(-sq // bs), -(-sk // bs)
     prefix = sk - sq
     scale = d**-0.5
-    rows_cpu, weights = probe_layout(sq, bs, probes, placement)
-    rows, weights = rows_cpu.to(dev), weights.to(dev)
+    rows_cpu, _ = probe_layout(sq, bs, probes, placement)
+    rows, weights = probe_layout(sq, bs, probes, placement, dev)
     kt = (k if k.dtype == torch.float32 else k.float()).transpose(-1, -2)  # [B, Hkv, D, Sk]
     cols = torch.arange(sk, device=dev)
     row_bytes = b * hq * sk * 4
@@ -162,13 +183,51 @@ class ProbeScorer(Scorer):
     """Exact probe queries per block; see the module docstring for the exact definition."""
 
     Config = ProbeConfig
+    last_path: str | None = None
 
     def block_probs(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """float32 [B, Hq, NQB, NKB]: the probes' block-mass estimate (rows sum to 1)."""
         c = self.config
         return probe_block_probs(q, k, c.block_size, c.probes, c.placement, c.chunk_mb)
 
-    def select(self, q: torch.Tensor, k: torch.Tensor) -> BlockSelection:
+    def kernel_params(self) -> ProbeKernelParams:
+        """The resolved knobs of the fused estimator."""
+        c = self.config
+        return ProbeKernelParams(
+            block_size=c.block_size,
+            threshold=float(c.threshold),
+            rule=c.rule,
+            top_k=int(c.top_k),
+            min_prob=float(c.min_prob),
+            force_sink=bool(c.force_sink),
+            force_diagonal=bool(c.force_diagonal),
+        )
+
+    def resolve_impl(self, q: torch.Tensor, k: torch.Tensor) -> str:
+        """``"triton"`` or ``"torch"``: the path :meth:`select` takes for these inputs."""
+        impl = self.config.impl
+        if impl != "auto":
+            return impl
+        if (
+            q.is_cuda
+            and not torch.compiler.is_compiling()
+            and triton_available()
+            and probe_unsupported_reason(q, k, self.config.block_size) is None
+        ):
+            return "triton"
+        return "torch"
+
+    def select_triton(self, q: torch.Tensor, k: torch.Tensor) -> BlockSelection:
+        """The fused estimator (two Triton launches, :mod:`prism.kernels.estimation.probe_op`):
+        a list-stored selection. Raises where the kernels cannot run."""
+        c = self.config
+        sq, sk = q.shape[2], k.shape[2]
+        rows, weights = probe_layout(sq, c.block_size, c.probes, c.placement, q.device)
+        lists = probe_select_block_lists(q, k, rows, weights, self.kernel_params())
+        return BlockSelection.from_lists(lists, sq, sk, c.block_size)
+
+    def select_torch(self, q: torch.Tensor, k: torch.Tensor) -> BlockSelection:
+        """The PyTorch path (chunked exact probe softmax, then ``masks.select``'s rule)."""
         c = self.config
         sq, sk = q.shape[2], k.shape[2]
         visible, _ = block_causal(sq, sk, c.block_size, q.device)
@@ -178,3 +237,10 @@ class ProbeScorer(Scorer):
         probs = self.block_probs(q, k)
         keep = apply_rule(probs, visible, c.rule, c.threshold, c.top_k, c.min_prob)
         return self.finalize(keep, sq, sk)
+
+    def select(self, q: torch.Tensor, k: torch.Tensor) -> BlockSelection:
+        path = self.resolve_impl(q, k)
+        sel = self.select_triton(q, k) if path == "triton" else self.select_torch(q, k)
+        if not torch.compiler.is_compiling():
+            self.last_path = path
+        return sel

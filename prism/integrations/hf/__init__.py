@@ -55,7 +55,16 @@ from ...policy import (
 from ...stats import LayerStats, PrismStats, collect_stats
 from .attention import AttentionCall, prism_attention_forward, reset_warnings
 from .masks import prism_mask
-from .patch import ATTN_NAME, get_policy, patch_model, patched, register, unpatch_model
+from .patch import (
+    ATTN_NAME,
+    compile_regions,
+    decoder_layers,
+    get_policy,
+    patch_model,
+    patched,
+    register,
+    unpatch_model,
+)
 
 register()
 
@@ -69,6 +78,8 @@ __all__ = [
     "PrismStats",
     "as_policy",
     "collect_stats",
+    "compile_regions",
+    "decoder_layers",
     "default_policy",
     "get_policy",
     "patch_model",

@@ -267,9 +267,13 @@ def prism_attention_forward(
     query [B, Hq, Sq, D], key/value [B, Hkv, Sk, D] (Sk >= Sq, post-RoPE, unexpanded) ->
     (out [B, Sq, Hq, D], None). See :mod:`prism.integrations.hf` for what runs sparse.
     """
+    compiling = torch.compiler.is_compiling()
+    if compiling and getattr(module, "_prism_eager_region", False):  # patch.compile_regions
+        return _eager_region_forward(
+            module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs
+        )
     policy: PrismPolicy = getattr(module, "_prism_policy", None) or default_policy()
     layer = getattr(module, "layer_idx", None)
-    compiling = torch.compiler.is_compiling()
     call = AttentionCall(
         module=module,
         policy=policy,
@@ -311,3 +315,8 @@ def prism_attention_forward(
     if call.stats is not None:
         call.stats.record_sparse(layer, sel, query, key, call.scaling)
     return _to_hf(out), None
+
+
+# compile_regions: the compiled decoder layer calls the attention function through this wrapper,
+# which Dynamo does not trace (a graph break): the call then runs exactly as in an eager model
+_eager_region_forward = torch.compiler.disable(prism_attention_forward, recursive=True)

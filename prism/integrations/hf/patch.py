@@ -109,6 +109,34 @@ def unpatch_model(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The model's decoder layers: the first ``ModuleList`` whose entries have ``self_attn``."""
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.ModuleList) and len(mod) and hasattr(mod[0], "self_attn"):
+            return mod
+    raise TypeError(f"{type(model).__name__}: no decoder layers (ModuleList of self_attn) found")
+
+
+def compile_regions(model: torch.nn.Module, *, dynamic: bool = True, **compile_kwargs: Any):
+    """Regional compilation: ``torch.compile`` every decoder layer in place, the attention call
+    itself left outside the graphs (returns the model).
+
+    Each layer compiles into two graphs — norm, Q/K/V projections and RoPE before the attention
+    call; output projection, residuals, norm and MLP after it — which fuse the elementwise work
+    that dominates a long pre-fill's non-attention time (the norms' fp32 round trips, RoPE, SiLU).
+    The Prism attention call between them runs eagerly (``torch.compiler.disable``), so it keeps
+    everything a compiled graph cannot: the fused Triton estimators, per-layer statistics, the
+    sparse/dense choice per call. One compile serves every layer (the layers share their code;
+    parameters are graph inputs) and, with ``dynamic=True`` (default), every sequence length.
+    Works with or without :func:`patch_model` (dense attention is compiled into the graphs then),
+    before or after it. ``compile_kwargs`` go to ``torch.compile`` (e.g. ``mode``).
+    """
+    for layer in decoder_layers(model):
+        layer.self_attn._prism_eager_region = True
+        layer.compile(dynamic=dynamic, **compile_kwargs)
+    return model
+
+
 @contextlib.contextmanager
 def patched(model: torch.nn.Module, scorer: Any = None, backend: str | None = None, **kwargs):
     """``with prism.patched(model, threshold=0.9): model.generate(...)`` -- restores the previous

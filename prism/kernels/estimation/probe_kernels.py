@@ -1,0 +1,376 @@
+"""Fused probe estimator, the two Triton kernels (see :mod:`.probe_op` for the definition).
+
+``_log_mass_kernel`` — launch 1, one program per (tile of ``QB`` query blocks, b · KV head). Its
+``BLOCK_M`` rows are (query block, GQA head, probe) triples, ``M = QB · G · P`` of them valid;
+the probe queries are gathered from q by row index (no copy of q or K is made). It walks the KV
+blocks the tile can see: the blocks every row sees in full first (no causal mask), then the
+frontier blocks with the causal mask ``key <= probe position``. Per KV block: one ``tl.dot``
+``[M, D] x [D, BS]``, the block-local max and ``Σ 2^(s - max)`` in base-2 logits, and one
+float32 written per row: ``max + log2(sum)``.
+
+``_probe_select_kernel`` — launch 2, one program per tile of ``R = BLOCK_G x BLOCK_Q`` rows
+(query head, query block), each holding its whole row of KV blocks: per probe the base-2 softmax
+of the log-masses over the block-causal row (the exact probe softmax, block-summed), the weighted
+average over the probes, then the rule and the block lists through the Prism select kernel's own
+pieces (:func:`.select._tile_rows`, :func:`.select._threshold_keep`, :func:`.select._forced_clip`,
+:func:`.select._write_lists`, whose top-p rule and tie handling are documented there).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .op import RULE_CODES, _next_pow2
+from .select import _forced_clip, _threshold_keep, _tile_rows, _write_lists
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _block_log_mass(qt, k_base, cols, col_ok, offs_d, d_ok, apos, sks, skd, qk_scale,
+                    CAUSAL: tl.constexpr, IS_F32: tl.constexpr):  # fmt: skip
+    """[M] base-2 log-mass of one KV block for the tile's rows (``-inf`` where a row sees none).
+
+    The max is taken on the raw dot products (``qk_scale > 0``), the scale folded into the
+    exponent: one FMA + one exp2 per score."""
+    kt = tl.load(
+        k_base + cols[None, :].to(tl.int64) * sks + offs_d[:, None] * skd,
+        mask=d_ok[:, None] & col_ok[None, :],
+        other=0.0,
+    )  # [BLOCK_D, BLOCK_N]
+    if IS_F32:
+        s = tl.dot(qt, kt, input_precision="ieee")
+    else:
+        s = tl.dot(qt, kt)
+    if CAUSAL:
+        s = tl.where(col_ok[None, :] & (cols[None, :] <= apos[:, None]), s, float("-inf"))
+        m = tl.max(s, 1)
+        m = tl.where(m == float("-inf"), 0.0, m)
+    else:  # every score is finite
+        m = tl.max(s, 1)
+    ms = m * qk_scale
+    return ms + tl.log2(tl.sum(tl.exp2(s * qk_scale - ms[:, None]), 1))
+
+
+@triton.jit
+def _log_mass_kernel(
+    q_ptr,
+    k_ptr,
+    rows_ptr,
+    out_ptr,
+    sqb,
+    sqh,
+    sqs,
+    sqd,
+    skb,
+    skh,
+    sks,
+    skd,
+    HQ,
+    HKV,
+    G,
+    P,
+    D,
+    SQ,
+    SK,
+    NQB,
+    NKB,
+    PREFIX,
+    qk_scale,
+    n_tiles,
+    QB: tl.constexpr,
+    BS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    IS_F32: tl.constexpr,
+):
+    t = n_tiles - 1 - tl.program_id(0)  # largest tiles (most KV blocks) first
+    bkv = tl.program_id(1)
+    b = bkv // HKV
+    kvh = bkv % HKV
+    r = tl.arange(0, BLOCK_M)
+    gp = G * P
+    il = r // gp
+    g = (r // P) % G
+    p = r % P
+    qi = t * QB + il
+    ok = (il < QB) & (qi < NQB)
+    qi = tl.where(ok, qi, 0)
+    qrow = tl.load(rows_ptr + qi * P + p, mask=ok, other=0)
+    h = kvh * G + g
+    apos = PREFIX + qrow
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    q_rows = q_ptr + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + qrow.to(tl.int64) * sqs
+    qt = tl.load(
+        q_rows[:, None] + offs_d[None, :] * sqd, mask=ok[:, None] & d_ok[None, :], other=0.0
+    )
+    k_base = k_ptr + b.to(tl.int64) * skb + kvh.to(tl.int64) * skh
+    out_rows = out_ptr + (((b * HQ + h).to(tl.int64) * NQB + qi) * P + p) * NKB
+
+    i_first = t * QB
+    i_last = tl.minimum(i_first + QB, NQB) - 1
+    n_kv = (PREFIX + tl.minimum((i_last + 1) * BS, SQ) - 1) // BS + 1
+    # every row of the tile sits at or after the tile's first query row: the KV blocks that end
+    # there are seen in full by every row
+    n_full = tl.minimum((PREFIX + i_first * BS + 1) // BS, n_kv)
+    offs_n = tl.arange(0, BLOCK_N)
+    for j in range(0, n_full):
+        cols = j * BS + offs_n
+        if BLOCK_N == BS:
+            lm = _block_log_mass(qt, k_base, cols, offs_n < BS, offs_d, d_ok, apos, sks, skd,
+                                 qk_scale, False, IS_F32)  # fmt: skip
+        else:
+            lm = _block_log_mass(qt, k_base, cols, offs_n < BS, offs_d, d_ok, apos, sks, skd,
+                                 qk_scale, True, IS_F32)  # fmt: skip
+        tl.store(out_rows + j, lm, mask=ok)
+    for j in range(n_full, n_kv):
+        cols = j * BS + offs_n
+        col_ok = (offs_n < BS) & (cols < SK)
+        lm = _block_log_mass(qt, k_base, cols, col_ok, offs_d, d_ok, apos, sks, skd, qk_scale,
+                             True, IS_F32)  # fmt: skip
+        tl.store(out_rows + j, lm, mask=ok)
+
+
+@triton.jit
+def _probe_tile(
+    lm_ptr, w_ptr, kv_num_ptr, kv_idx_ptr, full_num_ptr, full_idx_ptr,
+    b, qt, gt, kvh, HQ, G, SQ, NQB, NKB, PREFIX, target,
+    P: tl.constexpr, RULE: tl.constexpr, KEEP_ALL: tl.constexpr, FORCE_SINK: tl.constexpr,
+    FORCE_DIAG: tl.constexpr, BS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_Q: tl.constexpr,
+    BLOCK_N: tl.constexpr, TUPLE_REDUCE: tl.constexpr,
+):  # fmt: skip
+    """One tile of R = BLOCK_G x BLOCK_Q rows whose visible KV blocks fit in BLOCK_N."""
+    R: tl.constexpr = BLOCK_G * BLOCK_Q
+    r, qi, row_ok, bh, j, nvis, vis, part = _tile_rows(
+        b, qt, gt, kvh, HQ, G, SQ, NQB, NKB, PREFIX, BS, BLOCK_G, BLOCK_Q, BLOCK_N
+    )
+    qi_c = tl.where(row_ok, qi, 0)
+    bh_c = tl.where(row_ok, bh, 0)
+    if KEEP_ALL:
+        sel = vis
+    else:
+        prob = tl.zeros([R, BLOCK_N], dtype=tl.float32)
+        for pp in tl.static_range(P):
+            w = tl.load(w_ptr + qi_c * P + pp, mask=row_ok, other=0.0)
+            row = lm_ptr + ((bh_c.to(tl.int64) * NQB + qi_c) * P + pp) * NKB
+            z = tl.load(row[:, None] + j[None, :], mask=vis, other=float("-inf"))
+            m = tl.max(z, 1)
+            m = tl.where(m == float("-inf"), 0.0, m)
+            e = tl.exp2(z - m[:, None])
+            den = tl.sum(e, 1)
+            den = tl.where(den > 0.0, den, 1.0)
+            prob += e * (w / den)[:, None]
+        if RULE == 2:
+            sel = vis & (prob >= target)
+        else:
+            sel = _threshold_keep(prob, vis, nvis, target, RULE, TUPLE_REDUCE)
+    sel = _forced_clip(sel, j, vis, part, FORCE_SINK, FORCE_DIAG)
+    _write_lists(
+        sel, part, r, j, bh, qi, row_ok, kv_num_ptr, kv_idx_ptr, full_num_ptr, full_idx_ptr,
+        NQB, NKB, BLOCK_N,
+    )  # fmt: skip
+
+
+@triton.jit
+def _probe_select_kernel(
+    lm_ptr,
+    w_ptr,
+    kv_num_ptr,
+    kv_idx_ptr,
+    full_num_ptr,
+    full_idx_ptr,
+    HQ,
+    HKV,
+    G,
+    SQ,
+    NQB,
+    NKB,
+    PREFIX,
+    target,
+    n_q_tiles,
+    n_g_tiles,
+    P: tl.constexpr,
+    RULE: tl.constexpr,
+    KEEP_ALL: tl.constexpr,
+    FORCE_SINK: tl.constexpr,
+    FORCE_DIAG: tl.constexpr,
+    BS: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    TIERS: tl.constexpr,
+    TUPLE_REDUCE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    qt = n_q_tiles - 1 - pid % n_q_tiles  # largest query tiles first
+    rest = pid // n_q_tiles
+    gt = rest % n_g_tiles
+    bkv = rest // n_g_tiles
+    b = bkv // HKV
+    kvh = bkv % HKV
+    # causal tiers (as in the Prism select kernel): a tile whose rows see at most a quarter
+    # (half) of BLOCK_N KV blocks runs the body compiled for that narrower register row
+    qi_last = tl.minimum(qt * BLOCK_Q + BLOCK_Q - 1, NQB - 1)
+    tile_nvis = tl.minimum((PREFIX + tl.minimum((qi_last + 1) * BS, SQ) - 1) // BS + 1, NKB)
+    N4: tl.constexpr = BLOCK_N // 4
+    N2: tl.constexpr = BLOCK_N // 2
+    if TIERS and N4 >= 16:
+        if tile_nvis <= N4:
+            _probe_tile(
+                lm_ptr, w_ptr, kv_num_ptr, kv_idx_ptr, full_num_ptr, full_idx_ptr,
+                b, qt, gt, kvh, HQ, G, SQ, NQB, NKB, PREFIX, target,
+                P, RULE, KEEP_ALL, FORCE_SINK, FORCE_DIAG, BS, BLOCK_G, BLOCK_Q, N4, TUPLE_REDUCE,
+            )  # fmt: skip
+        elif tile_nvis <= N2:
+            _probe_tile(
+                lm_ptr, w_ptr, kv_num_ptr, kv_idx_ptr, full_num_ptr, full_idx_ptr,
+                b, qt, gt, kvh, HQ, G, SQ, NQB, NKB, PREFIX, target,
+                P, RULE, KEEP_ALL, FORCE_SINK, FORCE_DIAG, BS, BLOCK_G, BLOCK_Q, N2, TUPLE_REDUCE,
+            )  # fmt: skip
+        else:
+            _probe_tile(
+                lm_ptr, w_ptr, kv_num_ptr, kv_idx_ptr, full_num_ptr, full_idx_ptr,
+                b, qt, gt, kvh, HQ, G, SQ, NQB, NKB, PREFIX, target,
+                P, RULE, KEEP_ALL, FORCE_SINK, FORCE_DIAG, BS, BLOCK_G, BLOCK_Q, BLOCK_N,
+                TUPLE_REDUCE,
+            )  # fmt: skip
+    else:
+        _probe_tile(
+            lm_ptr, w_ptr, kv_num_ptr, kv_idx_ptr, full_num_ptr, full_idx_ptr,
+            b, qt, gt, kvh, HQ, G, SQ, NQB, NKB, PREFIX, target,
+            P, RULE, KEEP_ALL, FORCE_SINK, FORCE_DIAG, BS, BLOCK_G, BLOCK_Q, BLOCK_N,
+            TUPLE_REDUCE,
+        )  # fmt: skip
+
+
+def _sm_count(device) -> int:
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def launch_log_masses(
+    q, k, rows, block_size: int, *, block_m=None, num_warps=None, num_stages=None
+):
+    """Launch 1 (shapes already checked by :mod:`.probe_op`): float32 [B, Hq, NQB, P, NKB].
+
+    Default launch (measured on an H200, ``benchmarks/results/probe_estimator_h200.md``): 128
+    probe rows per program (8 warps) where that still gives >= 2 programs per SM, else 64 rows
+    (4 warps); 64 on CPU (the interpreter)."""
+    b, hq, sq, d = q.shape
+    hkv, sk = k.shape[1], k.shape[2]
+    g = hq // hkv
+    bs = int(block_size)
+    p = rows.shape[1]
+    nqb, nkb = math.ceil(sq / bs), math.ceil(sk / bs)
+    rows = rows.to(device=q.device, dtype=torch.int32).contiguous()
+    gp = g * p
+    if block_m is None:
+        block_m = 64
+        if q.device.type == "cuda":
+            big = max(128, _next_pow2(gp))
+            if math.ceil(nqb / (big // gp)) * b * hkv >= 2 * _sm_count(q.device):
+                block_m = 128
+    block_m = max(16, _next_pow2(gp), _next_pow2(block_m))
+    qb = block_m // gp
+    n_tiles = math.ceil(nqb / qb)
+    block_d = max(16, _next_pow2(d))
+    block_n = max(16, _next_pow2(bs))
+    if num_warps is None:
+        num_warps = 8 if block_m * block_n >= 128 * 128 else 4
+    if num_stages is None:
+        num_stages = 2
+    out = torch.empty(b, hq, nqb, p, nkb, device=q.device, dtype=torch.float32)
+    _log_mass_kernel[(n_tiles, b * hkv)](
+        q,
+        k,
+        rows,
+        out,
+        *q.stride(),
+        *k.stride(),
+        hq,
+        hkv,
+        g,
+        p,
+        d,
+        sq,
+        sk,
+        nqb,
+        nkb,
+        sk - sq,
+        LOG2E / math.sqrt(d),
+        n_tiles,
+        QB=qb,
+        BS=bs,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_D=block_d,
+        IS_F32=q.dtype == torch.float32,
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
+    return out
+
+
+def launch_select(lm, weights, sq: int, sk: int, hkv: int, params, rows_per_program: int = 16):
+    """Launch 2: the four block lists from launch 1's log-masses and the probe weights."""
+    b, hq, nqb, p, nkb = lm.shape
+    g = hq // hkv
+    bs = int(params.block_size)
+    rule = RULE_CODES[params.rule]
+    if rule == 0:
+        target = float(params.threshold)
+        keep_all = target >= 1.0
+    elif rule == 1:
+        target, keep_all = float(int(params.top_k)), False
+    else:
+        target, keep_all = float(params.min_prob), False
+    block_n = max(16, _next_pow2(nkb))
+    block_g = min(_next_pow2(g), rows_per_program)
+    block_q = max(1, rows_per_program // block_g)
+    warps = max(2, min(16, _next_pow2(max(1, block_g * block_q * block_n // (32 * 16)))))
+    n_q_tiles = math.ceil(nqb / block_q)
+    n_g_tiles = math.ceil(g / block_g)
+    dev = lm.device
+    weights = weights.to(device=dev, dtype=torch.float32).contiguous()
+    kv_num = torch.empty(b, hq, nqb, device=dev, dtype=torch.int32)
+    full_num = torch.empty(b, hq, nqb, device=dev, dtype=torch.int32)
+    kv_idx = torch.empty(b, hq, nqb, nkb, device=dev, dtype=torch.int32)
+    full_idx = torch.empty(b, hq, nqb, nkb, device=dev, dtype=torch.int32)
+    _probe_select_kernel[(n_q_tiles * n_g_tiles * b * hkv,)](
+        lm,
+        weights,
+        kv_num,
+        kv_idx,
+        full_num,
+        full_idx,
+        hq,
+        hkv,
+        g,
+        sq,
+        nqb,
+        nkb,
+        sk - sq,
+        target,
+        n_q_tiles,
+        n_g_tiles,
+        P=p,
+        RULE=rule,
+        KEEP_ALL=keep_all,
+        FORCE_SINK=bool(params.force_sink),
+        FORCE_DIAG=bool(params.force_diagonal),
+        BS=bs,
+        BLOCK_G=block_g,
+        BLOCK_Q=block_q,
+        BLOCK_N=block_n,
+        TIERS=block_n >= 128,
+        TUPLE_REDUCE=dev.type != "cpu",
+        num_warps=warps,
+    )
+    return kv_num, kv_idx, full_num, full_idx

@@ -1,0 +1,186 @@
+"""Fused probe estimator, host side: resolved parameters, support checks and the launchers.
+
+The exact probe-query scorer (``prism.scorers.probe``, issue 11) as two Triton launches
+(:mod:`.probe_kernels`):
+
+1. **block log-masses** — one program per (tile of query blocks, b, KV head): its ``M`` probe
+   rows (the G query heads of the KV head x P probes x the tile's query blocks; K is read once
+   for the whole GQA group) run flash-style over the causal KV blocks: per 128-key block one
+   ``tl.dot``, the block-local max ``m`` and sum ``l = Σ 2^(s - m)`` (base-2 logits), written as
+   one number ``m + log2 l`` per (probe row, KV block). Nothing of size ``[Sq, Sk]`` exists.
+2. **select** — one program per tile of (query head, query block) rows holding the whole row of
+   KV blocks in registers: per probe the block-causal softmax of its log-masses (this is the exact
+   normalisation: ``Σ_j 2^(lm_j - max)`` is the probe's full softmax denominator), the weighted
+   average over the probes, then the rule (top-p by the same threshold search as the Prism
+   kernel), the forced sink / diagonal blocks and the two BlockMask block lists.
+
+Scratch: the log-masses, float32 ``[B, Hq, NQB, P, NKB]`` (P / BS of an ``[Sq, Sk]`` score
+matrix: 256 MiB at 128K tokens with Hq = 32, P = 2). Triton is imported only when a kernel runs.
+Nothing here imports ``prism.scorers``: the scorer passes the probe layout (rows and weights).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .op import MAX_BLOCK_N, RULE_CODES, _next_pow2, interpreter_on, triton_available
+
+__all__ = [
+    "ProbeKernelParams",
+    "probe_block_log_masses",
+    "probe_block_probs_fused",
+    "probe_check_runnable",
+    "probe_select_block_lists",
+    "probe_unsupported_reason",
+]
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+
+
+@dataclass(frozen=True)
+class ProbeKernelParams:
+    """The probe scorer's knobs as the kernels need them.
+
+    block_size: BS.  rule: ``top_p`` | ``top_k`` | ``min_prob``; threshold / top_k / min_prob its
+    parameter.  force_sink / force_diagonal: always keep KV block 0 / the partial blocks.
+    """
+
+    block_size: int
+    threshold: float = 0.95
+    rule: str = "top_p"
+    top_k: int = 16
+    min_prob: float = 0.01
+    force_sink: bool = True
+    force_diagonal: bool = True
+
+    def __post_init__(self) -> None:
+        if self.rule not in RULE_CODES:
+            raise ValueError(f"unknown rule {self.rule!r}; valid rules: {list(RULE_CODES)}")
+        if int(self.block_size) < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+
+
+def probe_unsupported_reason(q: torch.Tensor, k: torch.Tensor, block_size: int) -> str | None:
+    """Why the fused probe estimator cannot take these inputs (``None``: it can)."""
+    if q.dim() != 4 or k.dim() != 4:
+        return "q and k must be [B, H, S, D]"
+    b, hq, sq, d = q.shape
+    if k.shape[0] != b or k.shape[3] != d or k.shape[1] == 0 or hq % k.shape[1]:
+        return f"incompatible q {tuple(q.shape)} / k {tuple(k.shape)}"
+    if sq < 1 or sq > k.shape[2]:
+        return f"needs 1 <= Sq <= Sk, got Sq={sq}, Sk={k.shape[2]}"
+    if q.dtype != k.dtype or q.device != k.device:
+        return "q and k must share dtype and device"
+    if q.dtype not in _DTYPES:
+        return f"dtype {q.dtype} (supported: float16, bfloat16, float32)"
+    if d > MAX_HEAD_DIM:
+        return f"head dim D={d} > {MAX_HEAD_DIM}"
+    if block_size > 256:
+        return f"block_size={block_size} > 256"
+    nkb = math.ceil(k.shape[2] / block_size)
+    if _next_pow2(nkb) > MAX_BLOCK_N:
+        return f"NKB={nkb} KV blocks (at most {MAX_BLOCK_N} in one register row)"
+    return None
+
+
+def probe_check_runnable(q: torch.Tensor, k: torch.Tensor, block_size: int) -> None:
+    """Raise a clear error where the fused probe estimator cannot run on these inputs."""
+    why = probe_unsupported_reason(q, k, block_size)
+    if why is not None:
+        raise ValueError(f"the fused probe estimator does not support these inputs: {why}")
+    if not triton_available():
+        raise RuntimeError("the fused probe estimator needs Triton (pip install triton)")
+    if q.device.type == "cpu":
+        if not interpreter_on():
+            raise RuntimeError(
+                "the fused probe estimator runs on CPU tensors only under Triton's interpreter: "
+                "set TRITON_INTERPRET=1 before Triton is first imported (or use impl='torch')"
+            )
+    elif q.device.type != "cuda":
+        raise RuntimeError(f"the fused probe estimator runs on CUDA (or CPU), not {q.device}")
+
+
+def _check_layout(rows: torch.Tensor, weights: torch.Tensor, nqb: int, sq: int, bs: int) -> int:
+    if rows.dim() != 2 or rows.shape[0] != nqb or weights.shape != rows.shape:
+        raise ValueError(
+            f"rows / weights must be [NQB={nqb}, P], got {tuple(rows.shape)} / "
+            f"{tuple(weights.shape)}"
+        )
+    return rows.shape[1]
+
+
+def probe_block_log_masses(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    rows: torch.Tensor,
+    block_size: int,
+    *,
+    block_m: int | None = None,
+    num_warps: int | None = None,
+) -> torch.Tensor:
+    """Launch 1: float32 ``[B, Hq, NQB, P, NKB]`` base-2 block log-masses of the probes.
+
+    q [B, Hq, Sq, D], k [B, Hkv, Sk, D] (any strides); rows int [NQB, P] query-local probe rows
+    (``prism.scorers.probe.probe_layout``). Entry (b, h, i, p, j) is
+    ``log2 Σ_{c in block j, c <= a} 2^(log2(e) q_a·k_c / sqrt(D))`` for the probe at absolute
+    position ``a = Sk - Sq + rows[i, p]`` (``-inf`` where the probe sees no key of block j);
+    entries past the last KV block the query block can see are not written.
+    """
+    probe_check_runnable(q, k, block_size)
+    from .probe_kernels import launch_log_masses
+
+    b, hq, sq, d = q.shape
+    nqb = math.ceil(sq / block_size)
+    _check_layout(rows, rows, nqb, sq, block_size)
+    return launch_log_masses(q, k, rows, block_size, block_m=block_m, num_warps=num_warps)
+
+
+def probe_block_probs_fused(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    rows: torch.Tensor,
+    weights: torch.Tensor,
+    block_size: int,
+) -> torch.Tensor:
+    """The probes' block-mass estimate float32 ``[B, Hq, NQB, NKB]`` from launch 1 (plus a
+    PyTorch normalisation; for tests and studies — :func:`probe_select_block_lists` never
+    materialises it)."""
+    lm = probe_block_log_masses(q, k, rows, block_size)
+    sq, sk = q.shape[2], k.shape[2]
+    nqb, nkb = lm.shape[2], lm.shape[4]
+    i = torch.arange(nqb, device=q.device)
+    last = (sk - sq) + torch.clamp((i + 1) * block_size, max=sq) - 1
+    vis = torch.arange(nkb, device=q.device)[None, :] <= (last // block_size)[:, None]
+    lm = lm.masked_fill(~vis[:, None, :], float("-inf"))
+    p = torch.softmax(lm * math.log(2.0), dim=-1)  # [B, Hq, NQB, P, NKB]
+    return (p * weights.to(p.device, torch.float32)[:, :, None]).sum(3)
+
+
+def probe_select_block_lists(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    rows: torch.Tensor,
+    weights: torch.Tensor,
+    params: ProbeKernelParams,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The probe selection of ``q [B, Hq, Sq, D]``, ``k [B, Hkv, Sk, D]`` as BlockMask lists.
+
+    ``rows`` int [NQB, P] / ``weights`` float32 [NQB, P]: the probe layout
+    (``prism.scorers.probe.probe_layout``, on q's device). Returns ``(kv_num, kv_idx, full_num,
+    full_idx)`` int32 ``[B, Hq, NQB]`` / ``[B, Hq, NQB, NKB]``, laid out as
+    ``prism.masks.bool_to_block_lists`` (selected blocks ascending, then the unselected ones).
+    """
+    if not isinstance(params, ProbeKernelParams):
+        raise TypeError(f"params must be ProbeKernelParams, got {type(params).__name__}")
+    bs = int(params.block_size)
+    probe_check_runnable(q, k, bs)
+    nqb = math.ceil(q.shape[2] / bs)
+    _check_layout(rows, weights, nqb, q.shape[2], bs)
+    from .probe_kernels import launch_log_masses, launch_select
+
+    lm = launch_log_masses(q, k, rows, bs)
+    return launch_select(lm, weights, q.shape[2], k.shape[2], k.shape[1], params)

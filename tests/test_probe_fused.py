@@ -1,0 +1,198 @@
+"""The fused probe estimator (``ProbeScorer(impl="triton")``, issue 11).
+
+On CPU under Triton's interpreter (``tests/conftest.py`` switches it on without CUDA; fp32 / fp16,
+<= ~1K tokens), on the GPU (marker ``gpu``) with bf16 and real lengths. Every case compares:
+
+* launch 1 + normalisation (``probe_block_probs_fused``) with the float64 loop reference
+  ``naive_probe.naive_probe_probs`` (written without prism's helpers);
+* the fused block lists with the PyTorch path (``impl="torch"``: the chunked probe softmax, then
+  ``masks.select``'s rule) — bool mask and all four lists, exactly, except rows whose decision
+  sits within float rounding of the top-p boundary (counted, and bounded);
+* NaN-poisoned list buffers are never read: every entry of the returned lists is a valid index.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from naive_probe import naive_probe_probs
+
+from prism.kernels.estimation import op
+from prism.kernels.estimation.probe_op import (
+    ProbeKernelParams,
+    probe_block_log_masses,
+    probe_block_probs_fused,
+    probe_select_block_lists,
+)
+from prism.masks import BlockSelection, block_causal, bool_to_block_lists
+from prism.scorers.probe import ProbeScorer, probe_block_probs, probe_layout
+
+needs_interpreter = pytest.mark.skipif(
+    not (op.triton_available() and op.interpreter_on()),
+    reason="needs Triton's interpreter (TRITON_INTERPRET=1, no CUDA)",
+)
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def _qk(b, hq, hkv, sq, sk, d, dtype=torch.float32, device="cpu", seed=0, structured=True):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, hq, sq, d, generator=g)
+    k = torch.randn(b, hkv, sk, d, generator=g)
+    if structured:  # a few strong keys and a drifting direction: peaked, uneven block masses
+        k[:, :, :: max(1, sk // 7)] *= 4.0
+        q = q + 1.5 * k.repeat_interleave(hq // hkv, 1)[:, :, sk - sq :]
+    return q.to(device, dtype), k.to(device, dtype)
+
+
+def _lists_of(mask, sq, sk, bs):
+    _, part = block_causal(sq, sk, bs, mask.device)
+    return bool_to_block_lists(mask & part) + bool_to_block_lists(mask & ~part)
+
+
+# (B, Hq, Hkv, Sq, Sk, D, BS, P, placement, scorer params)
+CPU_CASES = {
+    "ragged127": (1, 2, 1, 127, 127, 64, 32, 2, "ends", {}),
+    "gqa_batch2_ragged300": (2, 8, 2, 300, 300, 32, 64, 2, "ends", {"threshold": 0.9}),
+    "prefix_not_multiple": (1, 4, 2, 290, 700, 64, 64, 3, "uniform", {"threshold": 0.8}),
+    "group3_len1000": (1, 6, 2, 1000, 1000, 64, 128, 2, "ends", {}),
+    "mqa_group8_middle": (1, 8, 1, 400, 400, 16, 32, 1, "middle", {}),
+    "last_probes_block16": (1, 2, 1, 333, 333, 32, 16, 4, "last", {"threshold": 0.9}),
+    "single_query": (1, 4, 2, 1, 500, 64, 64, 2, "ends", {}),
+    "top_k": (1, 4, 2, 600, 600, 32, 32, 2, "ends", {"rule": "top_k", "top_k": 3}),
+    "min_prob": (1, 4, 2, 600, 600, 32, 32, 2, "ends", {"rule": "min_prob", "min_prob": 0.05}),
+    "no_forced": (
+        1, 4, 2, 500, 500, 32, 32, 2, "ends",
+        {"force_sink": False, "force_diagonal": False, "threshold": 0.7},
+    ),
+    "threshold1_dense": (1, 4, 2, 300, 500, 32, 64, 2, "ends", {"threshold": 1.0}),
+    "fp16": (1, 4, 2, 500, 500, 64, 64, 2, "ends", {"dtype": torch.float16}),
+    # NKB > 64: the select kernel's causal tiers (narrow rows for early tiles, identity tails)
+    "tiers_block16": (1, 2, 1, 1100, 1100, 16, 16, 2, "ends", {"threshold": 0.9}),
+    "tiers_block16_prefix": (1, 2, 2, 600, 1100, 16, 16, 2, "ends", {}),
+}  # fmt: skip
+
+
+def _check_case(b, hq, hkv, sq, sk, d, bs, probes, placement, params, device, max_bad=0.01):
+    params = dict(params)
+    dtype = params.pop("dtype", torch.float32)
+    q, k = _qk(b, hq, hkv, sq, sk, d, dtype, device)
+    cfg = dict(block_size=bs, probes=probes, placement=placement, **params)
+    torch_sel = ProbeScorer(impl="torch", **cfg).select(q, k)
+    fused = ProbeScorer(impl="triton", **cfg)
+    sel = fused.select(q, k)
+    assert fused.last_path == "triton"
+    assert sel.lists is not None  # list-stored: the kernel wrote the BlockMask lists
+    # the lists are exactly those of its own mask (layout of bool_to_block_lists)
+    mine = _lists_of(sel.mask, sq, sk, bs)
+    for got, want in zip(sel.lists, mine):
+        assert torch.equal(got.cpu(), want.cpu())
+    # against the PyTorch path: identical except rows at the rule's rounding boundary
+    bad_rows = (sel.mask != torch_sel.mask).any(-1)
+    assert bad_rows.float().mean().item() <= max_bad, int(bad_rows.sum())
+    return q, k, sel, torch_sel
+
+
+@needs_interpreter
+@pytest.mark.parametrize("case", list(CPU_CASES))
+def test_fused_selection_matches_torch_path(case):
+    b, hq, hkv, sq, sk, d, bs, probes, placement, params = CPU_CASES[case]
+    _, _, sel, torch_sel = _check_case(
+        b, hq, hkv, sq, sk, d, bs, probes, placement, params, "cpu", max_bad=0.0
+    )
+    assert torch.equal(sel.mask, torch_sel.mask)
+    if params.get("threshold", 0.95) < 1.0 and sq > bs:
+        assert sel.mask.float().mean() < 1.0  # a real selection, not everything
+
+
+@needs_interpreter
+@pytest.mark.parametrize(
+    "b,hq,hkv,sq,sk,d,bs,probes,placement",
+    [
+        (1, 2, 1, 127, 127, 64, 32, 2, "ends"),
+        (2, 4, 2, 300, 420, 32, 64, 3, "uniform"),
+        (1, 6, 2, 1000, 1000, 16, 128, 1, "middle"),
+        (1, 2, 2, 97, 97, 32, 16, 16, "ends"),  # every query of a block is a probe
+    ],
+)
+def test_fused_block_probs_match_float64_reference(b, hq, hkv, sq, sk, d, bs, probes, placement):
+    q, k = _qk(b, hq, hkv, sq, sk, d)
+    rows, w = probe_layout(sq, bs, probes, placement)
+    got = probe_block_probs_fused(q, k, rows, w, bs).double()
+    want = naive_probe_probs(q, k, bs, probes, placement)
+    torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-4)
+    torch.testing.assert_close(got.sum(-1), torch.ones_like(got.sum(-1)), atol=1e-5, rtol=0)
+
+
+@needs_interpreter
+def test_log_masses_are_minus_inf_where_the_probe_sees_no_key():
+    # a probe at the first row of a query block sees none of the diagonal block's later keys;
+    # with placement "ends", probe 0 of block i sits at row i*BS: block i holds only its own key
+    sq = sk = 256
+    bs = 64
+    q, k = _qk(1, 2, 1, sq, sk, 32)
+    rows, _ = probe_layout(sq, bs, 2, "ends")
+    lm = probe_block_log_masses(q, k, rows, bs)  # [B, Hq, NQB, P, NKB]
+    assert torch.isfinite(lm[0, :, 3, 0, :4]).all()  # block 3, probe at row 192: blocks 0..3
+    # exact value of the diagonal block for that probe: only key 192 itself
+    s = (q[0, 0, 192] @ k[0, 0, 192]) / 32**0.5 / torch.log(torch.tensor(2.0))
+    torch.testing.assert_close(lm[0, 0, 3, 0, 3], s, atol=1e-4, rtol=1e-5)
+
+
+def test_kernel_params_and_bad_input():
+    with pytest.raises(ValueError, match="valid rules"):
+        ProbeKernelParams(block_size=64, rule="nope")
+    with pytest.raises(ValueError, match="valid"):
+        ProbeScorer(impl="cuda")
+    q = torch.randn(1, 3, 64, 32)
+    k = torch.randn(1, 2, 64, 32)
+    rows, w = probe_layout(64, 32, 2, "ends")
+    with pytest.raises(ValueError, match="incompatible"):
+        probe_select_block_lists(q, k, rows, w, ProbeKernelParams(block_size=32))
+    with pytest.raises(TypeError, match="ProbeKernelParams"):
+        probe_select_block_lists(q, k[:, :1], rows, w, {"block_size": 32})
+    with pytest.raises(ValueError, match="Sq <= Sk"):
+        probe_block_log_masses(q, k[:, :1, :10], rows, 32)
+
+
+def test_auto_uses_torch_on_cpu():
+    q, k = _qk(1, 2, 1, 200, 200, 32)
+    sc = ProbeScorer(block_size=64)
+    assert sc.resolve_impl(q, k) == "torch"
+    sel = sc.select(q, k)
+    assert sc.last_path == "torch"
+    assert isinstance(sel, BlockSelection)
+
+
+def test_layout_is_cached_per_device():
+    a = probe_layout(1000, 128, 2, "ends")
+    b = probe_layout(1000, 128, 2, "ends")
+    assert a[0] is b[0] and a[1] is b[1]
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU: compiled kernels, bf16, real lengths
+# ------------------------------------------------------------------------------------------------
+GPU_CASES = [  # (B, Hq, Hkv, Sq, Sk, D, BS, P, placement, params)
+    (1, 32, 8, 8192, 8192, 128, 128, 2, "ends", {"dtype": torch.bfloat16}),
+    (2, 9, 3, 5000, 5000, 64, 128, 2, "ends", {"dtype": torch.bfloat16, "threshold": 0.9}),
+    (1, 8, 2, 3000, 8192, 128, 128, 2, "ends", {"dtype": torch.bfloat16}),  # prefix
+    (1, 4, 2, 4097, 4097, 64, 64, 3, "uniform", {"dtype": torch.float16}),
+    (1, 4, 1, 2000, 2000, 64, 128, 2, "ends", {"rule": "top_k", "top_k": 4}),  # fp32
+    (1, 32, 8, 32768, 32768, 128, 128, 2, "ends", {"dtype": torch.bfloat16}),
+]
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("case", range(len(GPU_CASES)))
+def test_gpu_fused_matches_torch_path(case):
+    b, hq, hkv, sq, sk, d, bs, probes, placement, params = GPU_CASES[case]
+    q, k, sel, torch_sel = _check_case(
+        b, hq, hkv, sq, sk, d, bs, probes, placement, params, "cuda", max_bad=0.002
+    )
+    # the mass estimate itself against the PyTorch path on the same inputs
+    rows, w = probe_layout(sq, bs, probes, placement, q.device)
+    got = probe_block_probs_fused(q, k, rows, w, bs)
+    want = probe_block_probs(q, k, bs, probes, placement)
+    torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-2)
+    assert ProbeScorer(block_size=bs).resolve_impl(q, k) == "triton"
