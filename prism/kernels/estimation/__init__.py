@@ -13,6 +13,9 @@ into FlexAttention BlockMask block lists:
 Names are resolved lazily (attribute access), so that ``import prism`` never imports Triton:
 Triton's interpreter (``TRITON_INTERPRET=1``) must be switched on before Triton's first import.
 ``prism.kernels.estimation.prism_fused`` is the old module path (a re-export).
+
+The fused *probe* estimator (``prism.scorers.probe``) lives in :mod:`.probe_op` (host side) and
+:mod:`.probe_kernels` (its two Triton launches, reusing :mod:`.select`'s rule and list pieces).
 """
 
 from __future__ import annotations
@@ -31,6 +34,10 @@ _EXPORTS = {
     "triton_available": "op",
     "unsupported_reason": "op",
     "pool_blocks_fused": "pool",
+    "ProbeKernelParams": "probe_op",
+    "probe_block_log_masses": "probe_op",
+    "probe_block_probs_fused": "probe_op",
+    "probe_select_block_lists": "probe_op",
     "SelectConfig": "select",
     "pick_select_config": "select",
     "select_from_pooled": "select",
