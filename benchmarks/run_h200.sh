@@ -35,7 +35,7 @@ elif [ "$phase" = probe ]; then
     lengths=[8192,16384,32768,65536,131072] "policies=[dense,prism,$P98,$P99]" \
     reps=3 warmup=1 out=$OUT/model_probe_h200 2>&1 | grep -v Warning
   timeout 270 python3 benchmarks/bench_model.py gguf=$GGUF compile=true check=false parts=false \
-    lengths=[8192,16384,32768,65536,131072] "policies=[dense,prism,$P98]" \
+    lengths=[8192,32768,131072] "policies=[dense,prism,$P98]" \
     reps=3 warmup=2 out=$OUT/model_compiled_h200 2>&1 | grep -v Warning
 elif [ "$phase" = checks ]; then
   timeout 120 python3 benchmarks/check_hf_gpu.py 2>&1 | tee $OUT/check_hf_gpu_fa4.log | tail -30
