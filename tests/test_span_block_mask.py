@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from prism.kernels import get_backend
@@ -43,3 +44,31 @@ def test_span_block_mask_applies_each_rows_span_inside_the_listed_blocks():
     # the span mattered: plain block-causal attention over the same blocks differs
     causal_only = tokens & (pos[:, None] >= pos[None, :])
     assert not torch.equal(causal_only, allowed)
+
+
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="needs CUDA")])],
+)  # fmt: skip
+def test_block_masks_carry_full_block_tensors_on_cuda(device):
+    """FA4 (FlexAttention's FLASH backend) refuses a BlockMask without full-block tensors, even
+    when every block is partial: on CUDA the span and list builders always pass them (empty if
+    none); on CPU they do not (Inductor's CPU flex template fails to compile a span mask with
+    them)."""
+    from prism.masks.blockmask import lists_to_block_mask
+
+    num = torch.tensor([[[1, 2]]], dtype=torch.int32, device=device)
+    idx = torch.tensor([[[[0, 1], [0, 1]]]], dtype=torch.int32, device=device)
+    start = torch.zeros(1, 64, dtype=torch.int64, device=device)
+    count = torch.arange(1, 65, device=device)[None]
+    for bm in (
+        span_block_mask(num, idx, start, count, 64, 64, 32),
+        lists_to_block_mask(num, idx, None, None, 64, 64, 32),
+    ):
+        assert torch.equal(bm.kv_num_blocks, num)
+        if device == "cuda":
+            assert bm.full_kv_num_blocks is not None and bm.full_kv_indices is not None
+            assert int(bm.full_kv_num_blocks.sum()) == 0
+        else:
+            assert bm.full_kv_num_blocks is None

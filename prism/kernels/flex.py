@@ -101,6 +101,8 @@ def _offset_flex(q, k, v, kv_num, kv_idx, full_num, full_idx, offset, block_size
     def mask_mod(b, h, q_idx, kv_idx):
         return offset[q_idx] >= kv_idx
 
+    if full_num is None:  # FA4 needs full-block tensors, even empty ones
+        full_num, full_idx = torch.zeros_like(kv_num), torch.zeros_like(kv_idx)
     bm = BlockMask.from_kv_blocks(
         kv_num,
         kv_idx,

@@ -128,7 +128,10 @@ def lists_to_block_mask(
     block_size: int | tuple[int, int],
 ) -> BlockMask:
     """BlockMask from block lists: partial blocks (``kv_*``, causal ``mask_mod`` with the
-    cached-prefix offset) and full blocks (``full_kv_*``); int32 [B, H, NQB] / [B, H, NQB, W]."""
+    cached-prefix offset) and full blocks (``full_kv_*``); int32 [B, H, NQB] / [B, H, NQB, W].
+    ``full_*`` None: no full blocks (on CUDA passed as empty lists, see :func:`empty_full_lists`)."""
+    if full_num is None and kv_num.is_cuda:
+        full_num, full_idx = empty_full_lists(kv_num, kv_idx)
     return BlockMask.from_kv_blocks(
         kv_num,
         kv_idx,
@@ -154,6 +157,16 @@ def block_mask_to_bool(bm: BlockMask, nkb: int | None = None) -> tuple[torch.Ten
     return partial, lists_to_bool(bm.full_kv_num_blocks, bm.full_kv_indices, nkb)
 
 
+def empty_full_lists(kv_num: torch.Tensor, kv_idx: torch.Tensor):
+    """Full-block lists with no block (counts 0, indices 0) shaped like ``kv_num`` / ``kv_idx``.
+
+    A BlockMask must carry full-block tensors even when every block is partial: FlexAttention's
+    FLASH (FA4) backend refuses one without them ("Flash attention with block mask but without
+    full blocks is not supported yet", seen on the H200 with flash-attn-4 4.0.0b36). Only on CUDA:
+    Inductor's CPU flex template (torch 2.13) fails to compile a span mask_mod with them."""
+    return torch.zeros_like(kv_num), torch.zeros_like(kv_idx)
+
+
 def span_block_mask(
     kv_num: torch.Tensor,
     kv_idx: torch.Tensor,
@@ -177,9 +190,12 @@ def span_block_mask(
         first = start[b, q_idx]
         return (kv_pos >= first) & (kv_pos < first + count[b, q_idx])
 
+    full_num, full_idx = empty_full_lists(kv_num, kv_idx) if kv_num.is_cuda else (None, None)
     return BlockMask.from_kv_blocks(
         kv_num,
         kv_idx,
+        full_num,
+        full_idx,
         BLOCK_SIZE=block_size,
         mask_mod=span_mask_mod,
         seq_lengths=(sq, sk),

@@ -249,20 +249,15 @@ def _probe_select_kernel(
         )  # fmt: skip
 
 
-def _sm_count(device) -> int:
-    if device.type != "cuda":
-        return 1
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def launch_log_masses(
     q, k, rows, block_size: int, *, block_m=None, num_warps=None, num_stages=None
 ):
     """Launch 1 (shapes already checked by :mod:`.probe_op`): float32 [B, Hq, NQB, P, NKB].
 
-    Default launch (measured on an H200, ``benchmarks/results/probe_estimator_h200.md``): 128
-    probe rows per program (8 warps) where that still gives >= 2 programs per SM, else 64 rows
-    (4 warps); 64 on CPU (the interpreter)."""
+    Default launch: 64 probe rows per program, 4 warps, 3 pipeline stages — the fastest of the
+    sweep in ``benchmarks/results/probe_estimator_h200.md`` (64/128 rows x 4/8 warps x 2/3
+    stages) at both 8K and 128K tokens on the H200.
+    """
     b, hq, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
     g = hq // hkv
@@ -271,21 +266,15 @@ def launch_log_masses(
     nqb, nkb = math.ceil(sq / bs), math.ceil(sk / bs)
     rows = rows.to(device=q.device, dtype=torch.int32).contiguous()
     gp = g * p
-    if block_m is None:
-        block_m = 64
-        if q.device.type == "cuda":
-            big = max(128, _next_pow2(gp))
-            if math.ceil(nqb / (big // gp)) * b * hkv >= 2 * _sm_count(q.device):
-                block_m = 128
-    block_m = max(16, _next_pow2(gp), _next_pow2(block_m))
+    block_m = max(16, _next_pow2(gp), _next_pow2(block_m or 64))
     qb = block_m // gp
     n_tiles = math.ceil(nqb / qb)
     block_d = max(16, _next_pow2(d))
     block_n = max(16, _next_pow2(bs))
     if num_warps is None:
-        num_warps = 8 if block_m * block_n >= 128 * 128 else 4
+        num_warps = 4 if block_m <= 64 else 8
     if num_stages is None:
-        num_stages = 2
+        num_stages = 3
     out = torch.empty(b, hq, nqb, p, nkb, device=q.device, dtype=torch.float32)
     _log_mass_kernel[(n_tiles, b * hkv)](
         q,
