@@ -1,8 +1,8 @@
 """Context-parallel sparse attention (prism.distributed, issue 13) on CPU with gloo.
 
 The distributed cases run once per world size (2 and 3 ranks) in spawned processes on
-127.0.0.1, every case inside the same process group, with a hard deadline (the processes are
-terminated and the test fails instead of hanging). The ranks only run the op and save what they
+127.0.0.1, every case inside the same process group; a rank that dies fails the test, and its
+peers' collectives time out (gloo, 120 s) instead of hanging. The ranks only run the op and save what they
 got; this (pytest) process then builds the same inputs, the single-process selection
 (``scorer(q, k)`` on the whole sequence) and the single-process output
 (``reference_attention`` with that selection, float32), and compares: selections identical,
@@ -15,7 +15,6 @@ import math
 import os
 import socket
 import tempfile
-import time
 from datetime import timedelta
 
 import pytest
@@ -34,7 +33,6 @@ from prism.distributed import (
 from prism.kernels.reference import reference_attention
 
 TOL = 1e-5
-DEADLINE_S = 240  # per world size; the cases take ~10-40 s on 2 busy cores
 
 # name -> case. scorer: build_scorer mapping; S, BS; shape (B, Hq, Hkv, D); kv / score modes.
 # "S": None means "the shortest allowed" (2W blocks, ragged last block), set per world size.
@@ -132,7 +130,6 @@ def _worker(rank, world_size, port, outdir):
         if case.get("poison"):
             sel = scorer(q, k)
             v, _ = _poisoned_v(case, sel.mask, v, k.shape[1])
-        t0 = time.perf_counter()
         out, stats = context_parallel_attention(
             plan.shard(q, rank),
             plan.shard(k, rank),
@@ -154,7 +151,6 @@ def _worker(rank, world_size, port, outdir):
             kv_units_moved=stats.kv_units_moved,
             kv_units_remote=stats.kv_units_remote,
             ring_steps_skipped=stats.ring_steps_skipped,
-            seconds=time.perf_counter() - t0,
         )
     # bad input, caught before any collective (so no rank blocks)
     errors = {}
@@ -221,11 +217,11 @@ def _run(world_size: int) -> list[dict]:
             join=False,
             start_method="spawn",
         )
-        deadline = time.monotonic() + DEADLINE_S
+        # no wall-clock limit here: a rank that dies raises from join(), and a rank left waiting
+        # on a dead peer fails its collective after the process group's timeout (120 s)
         try:
-            while not ctx.join(timeout=5):
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{world_size} gloo ranks did not finish in {DEADLINE_S} s")
+            while not ctx.join():
+                pass
         finally:
             for p in ctx.processes:
                 if p.is_alive():
