@@ -172,20 +172,15 @@ def _flex_call(q, k, v, kv_num, kv_idx, full_num, full_idx, qpos, kpos, bs, scal
     """The compiled region: the BlockMask is built here, from the block lists and the two
     position tables (captured tensors indexed by ``q_idx`` / ``kv_idx``, which FlexAttention's
     Triton and FLASH backends both accept), so no Python closure changes between calls."""
-    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from ..masks.blockmask import block_mask_from_lists
 
     def mask_mod(bi, hi, qi, ki):
         return kpos[ki] <= qpos[qi]
 
-    bm = BlockMask.from_kv_blocks(
-        kv_num,
-        kv_idx,
-        full_num,
-        full_idx,
-        BLOCK_SIZE=bs,
-        mask_mod=mask_mod,
-        seq_lengths=(q.shape[2], k.shape[2]),
-        compute_q_blocks=False,
+    bm = block_mask_from_lists(
+        kv_num, kv_idx, full_num, full_idx, mask_mod, q.shape[2], k.shape[2], bs
     )
     kwargs = dict(block_mask=bm, scale=scale, enable_gqa=gqa, kernel_options=opts)
     if _AuxRequest is not None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from ..masks.blockmask import is_causal_mask_mod
+from ..masks.blockmask import block_mask_from_lists, is_causal_mask_mod, is_flash_safe_mask_mod
 
 _COMPILED: dict = {}
 
@@ -79,7 +79,9 @@ def _kernel_options(q: torch.Tensor, block_mask: BlockMask, impl: str) -> dict |
         available = _FLASH_OK.get(idx, False)
     else:
         available = flash_available(idx)
-    use_flash = impl == "flash" or (impl == "auto" and available)
+    use_flash = impl == "flash" or (
+        impl == "auto" and available and is_flash_safe_mask_mod(block_mask.mask_mod)
+    )
     if impl == "flash" and not available:
         raise RuntimeError(
             "backend 'flex_flash' needs a CUDA GPU of compute capability >= 9.0 and FlashAttention-4 "
@@ -101,17 +103,8 @@ def _offset_flex(q, k, v, kv_num, kv_idx, full_num, full_idx, offset, block_size
     def mask_mod(b, h, q_idx, kv_idx):
         return offset[q_idx] >= kv_idx
 
-    if full_num is None:  # FA4 needs full-block tensors, even empty ones
-        full_num, full_idx = torch.zeros_like(kv_num), torch.zeros_like(kv_idx)
-    bm = BlockMask.from_kv_blocks(
-        kv_num,
-        kv_idx,
-        full_num,
-        full_idx,
-        BLOCK_SIZE=block_size,
-        mask_mod=mask_mod,
-        seq_lengths=(q.shape[2], k.shape[2]),
-        compute_q_blocks=False,
+    bm = block_mask_from_lists(
+        kv_num, kv_idx, full_num, full_idx, mask_mod, q.shape[2], k.shape[2], block_size
     )
     return flex_attention(q, k, v, block_mask=bm, scale=scale, enable_gqa=gqa, kernel_options=opts)
 

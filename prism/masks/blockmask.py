@@ -129,18 +129,9 @@ def lists_to_block_mask(
 ) -> BlockMask:
     """BlockMask from block lists: partial blocks (``kv_*``, causal ``mask_mod`` with the
     cached-prefix offset) and full blocks (``full_kv_*``); int32 [B, H, NQB] / [B, H, NQB, W].
-    ``full_*`` None: no full blocks (on CUDA passed as empty lists, see :func:`empty_full_lists`)."""
-    if full_num is None and kv_num.is_cuda:
-        full_num, full_idx = empty_full_lists(kv_num, kv_idx)
-    return BlockMask.from_kv_blocks(
-        kv_num,
-        kv_idx,
-        full_num,
-        full_idx,
-        BLOCK_SIZE=block_size,
-        mask_mod=causal_mask_mod(sk - sq),
-        seq_lengths=(sq, sk),
-        compute_q_blocks=False,
+    ``full_*`` None: no full blocks (see :func:`block_mask_from_lists`)."""
+    return block_mask_from_lists(
+        kv_num, kv_idx, full_num, full_idx, causal_mask_mod(sk - sq), sq, sk, block_size
     )
 
 
@@ -157,14 +148,42 @@ def block_mask_to_bool(bm: BlockMask, nkb: int | None = None) -> tuple[torch.Ten
     return partial, lists_to_bool(bm.full_kv_num_blocks, bm.full_kv_indices, nkb)
 
 
-def empty_full_lists(kv_num: torch.Tensor, kv_idx: torch.Tensor):
-    """Full-block lists with no block (counts 0, indices 0) shaped like ``kv_num`` / ``kv_idx``.
+def block_mask_from_lists(
+    kv_num: torch.Tensor,
+    kv_idx: torch.Tensor,
+    full_num: torch.Tensor | None,
+    full_idx: torch.Tensor | None,
+    mask_mod,
+    sq: int,
+    sk: int,
+    block_size: int | tuple[int, int],
+) -> BlockMask:
+    """The one BlockMask constructor of Prism's kernels: the four block lists (int32
+    [B, H, NQB] / [B, H, NQB, W]; ``full_*`` None = no full blocks) and a ``mask_mod`` for the
+    partial blocks; no q-block lists (forward only).
 
-    A BlockMask must carry full-block tensors even when every block is partial: FlexAttention's
-    FLASH (FA4) backend refuses one without them ("Flash attention with block mask but without
-    full blocks is not supported yet", seen on the H200 with flash-attn-4 4.0.0b36). Only on CUDA:
-    Inductor's CPU flex template (torch 2.13) fails to compile a span mask_mod with them."""
-    return torch.zeros_like(kv_num), torch.zeros_like(kv_idx)
+    On CUDA, missing full lists are passed as empty ones (counts 0, indices 0): FlexAttention's
+    FLASH (FA4) backend refuses a BlockMask without them ("Flash attention with block mask but
+    without full blocks is not supported yet", H200, flash-attn-4 4.0.0b36). Not on CPU:
+    Inductor's CPU flex template (torch 2.13) fails to compile a span ``mask_mod`` with them."""
+    if full_num is None and kv_num.is_cuda:
+        full_num, full_idx = torch.zeros_like(kv_num), torch.zeros_like(kv_idx)
+    return BlockMask.from_kv_blocks(
+        kv_num,
+        kv_idx,
+        full_num,
+        full_idx,
+        BLOCK_SIZE=block_size,
+        mask_mod=mask_mod,
+        seq_lengths=(sq, sk),
+        compute_q_blocks=False,
+    )
+
+
+def is_flash_safe_mask_mod(fn) -> bool:
+    """False for the predicates FA4 cannot lower (tagged ``prism_flash_unsafe``): the ``flex``
+    backend then runs them on FlexAttention's Triton backend."""
+    return not getattr(fn, "prism_flash_unsafe", False)
 
 
 def span_block_mask(
@@ -183,21 +202,15 @@ def span_block_mask(
     may see the keys ``start[b, q] <= kv < start[b, q] + count[b, q]`` (``count`` 0: none). The
     span is the only token-level rule (no causal predicate is added): the caller keeps every span
     inside the causal frontier. The ``mask_mod`` reads ``start`` / ``count`` as captured tensors,
-    so only backends that honour ``mask_mod`` (FlexAttention) apply it.
+    so only backends that honour ``mask_mod`` (FlexAttention) apply it; it is tagged
+    ``prism_flash_unsafe``: FA4 cannot lower those captured [B, Sq] reads ("CuteDSL template
+    failed: convert FlexibleLayout to FixedLayout first", H200), so ``flex`` runs it on
+    FlexAttention's Triton backend.
     """
 
     def span_mask_mod(b, h, q_idx, kv_pos):
         first = start[b, q_idx]
         return (kv_pos >= first) & (kv_pos < first + count[b, q_idx])
 
-    full_num, full_idx = empty_full_lists(kv_num, kv_idx) if kv_num.is_cuda else (None, None)
-    return BlockMask.from_kv_blocks(
-        kv_num,
-        kv_idx,
-        full_num,
-        full_idx,
-        BLOCK_SIZE=block_size,
-        mask_mod=span_mask_mod,
-        seq_lengths=(sq, sk),
-        compute_q_blocks=False,
-    )
+    span_mask_mod.prism_flash_unsafe = True
+    return block_mask_from_lists(kv_num, kv_idx, None, None, span_mask_mod, sq, sk, block_size)

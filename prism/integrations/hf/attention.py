@@ -160,13 +160,7 @@ def _span_sparse(call: AttentionCall, q, k, v, mask):
     visible, _ = block_causal(sq, sk, sel.block_size, q.device)
     num, idx = bool_to_block_lists(sel.mask & visible)
     bm = span_block_mask(num, idx, start, count, sq, sk, sel.block_size)
-    backend = call.backend
-    if backend.name == "flex":
-        # FA4 (flex's FLASH backend) cannot lower a mask_mod that reads captured [B, Sq] tensors
-        # ("CuteDSL template failed: convert FlexibleLayout to FixedLayout first", H200,
-        # flash-attn-4 4.0.0b36): span masks run on FlexAttention's Triton backend
-        backend = get_backend("flex_triton")
-    out = backend(q, k, v, bm, scale=call.scaling)
+    out = call.backend(q, k, v, bm, scale=call.scaling)
     return out, sel, ok
 
 

@@ -100,9 +100,9 @@ def interpreter_on() -> bool:
     return type(select._select_kernel).__name__ == "InterpretedFunction"
 
 
-def unsupported_reason(q: torch.Tensor, k: torch.Tensor, params: PrismKernelParams) -> str | None:
-    """Why the fused estimator cannot take these inputs (``None``: it can). Shapes / dtypes /
-    params only; where it can *run* (device, Triton, interpreter) is :func:`check_runnable`'s."""
+def qk_reason(q: torch.Tensor, k: torch.Tensor) -> str | None:
+    """The input rules every fused estimator shares (rank, shapes, GQA, Sq <= Sk, dtype,
+    device): why ``q`` / ``k`` cannot be taken, or ``None``."""
     if q.dim() != 4 or k.dim() != 4:
         return "q and k must be [B, H, S, D]"
     b, hq, sq, d = q.shape
@@ -114,6 +114,31 @@ def unsupported_reason(q: torch.Tensor, k: torch.Tensor, params: PrismKernelPara
         return "q and k must share dtype and device"
     if q.dtype not in _DTYPES:
         return f"dtype {q.dtype} (supported: float16, bfloat16, float32)"
+    return None
+
+
+def check_device_runnable(q: torch.Tensor, what: str) -> None:
+    """Raise a clear error where a fused estimator (``what``) cannot run on ``q``'s device:
+    no Triton, CPU tensors without the interpreter, or a device other than CUDA / CPU."""
+    if not triton_available():
+        raise RuntimeError(f"the fused {what} estimator needs Triton (pip install triton)")
+    if q.device.type == "cpu":
+        if not interpreter_on():
+            raise RuntimeError(
+                f"the fused {what} estimator runs on CPU tensors only under Triton's interpreter: "
+                "set TRITON_INTERPRET=1 before Triton is first imported (or use impl='torch')"
+            )
+    elif q.device.type != "cuda":
+        raise RuntimeError(f"the fused {what} estimator runs on CUDA (or CPU), not {q.device}")
+
+
+def unsupported_reason(q: torch.Tensor, k: torch.Tensor, params: PrismKernelParams) -> str | None:
+    """Why the fused estimator cannot take these inputs (``None``: it can). Shapes / dtypes /
+    params only; where it can *run* (device, Triton, interpreter) is :func:`check_runnable`'s."""
+    why = qk_reason(q, k)
+    if why is not None:
+        return why
+    d = q.shape[3]
     if d % 2:
         return f"odd head dim D={d}"
     for name in ("high_dims", "low_dims"):
@@ -140,16 +165,7 @@ def check_runnable(q: torch.Tensor, k: torch.Tensor, params: PrismKernelParams) 
     why = unsupported_reason(q, k, params)
     if why is not None:
         raise ValueError(f"the fused Prism estimator does not support these inputs: {why}")
-    if not triton_available():
-        raise RuntimeError("the fused Prism estimator needs Triton (pip install triton)")
-    if q.device.type == "cpu":
-        if not interpreter_on():
-            raise RuntimeError(
-                "the fused Prism estimator runs on CPU tensors only under Triton's interpreter: "
-                "set TRITON_INTERPRET=1 before Triton is first imported (or use impl='torch')"
-            )
-    elif q.device.type != "cuda":
-        raise RuntimeError(f"the fused Prism estimator runs on CUDA (or CPU), not {q.device}")
+    check_device_runnable(q, "Prism")
 
 
 class Plan:

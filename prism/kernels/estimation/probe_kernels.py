@@ -25,7 +25,14 @@ import triton
 import triton.language as tl
 
 from .op import RULE_CODES, _next_pow2
-from .select import _forced_clip, _threshold_keep, _tile_rows, _write_lists
+from .select import (
+    _forced_clip,
+    _program_tile,
+    _threshold_keep,
+    _tile_nvis,
+    _tile_rows,
+    _write_lists,
+)
 
 LOG2E = 1.4426950408889634
 
@@ -207,17 +214,10 @@ def _probe_select_kernel(
     TIERS: tl.constexpr,
     TUPLE_REDUCE: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    qt = n_q_tiles - 1 - pid % n_q_tiles  # largest query tiles first
-    rest = pid // n_q_tiles
-    gt = rest % n_g_tiles
-    bkv = rest // n_g_tiles
-    b = bkv // HKV
-    kvh = bkv % HKV
+    qt, gt, _, b, kvh = _program_tile(n_q_tiles, n_g_tiles, HKV)
     # causal tiers (as in the Prism select kernel): a tile whose rows see at most a quarter
     # (half) of BLOCK_N KV blocks runs the body compiled for that narrower register row
-    qi_last = tl.minimum(qt * BLOCK_Q + BLOCK_Q - 1, NQB - 1)
-    tile_nvis = tl.minimum((PREFIX + tl.minimum((qi_last + 1) * BS, SQ) - 1) // BS + 1, NKB)
+    tile_nvis = _tile_nvis(qt, NQB, NKB, SQ, PREFIX, BS, BLOCK_Q)
     N4: tl.constexpr = BLOCK_N // 4
     N2: tl.constexpr = BLOCK_N // 2
     if TIERS and N4 >= 16:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .op import MAX_BLOCK_N, RULE_CODES, _next_pow2, interpreter_on, triton_available
+from .op import MAX_BLOCK_N, RULE_CODES, _next_pow2, check_device_runnable, qk_reason
 
 __all__ = [
     "ProbeKernelParams",
@@ -37,7 +37,6 @@ __all__ = [
     "probe_unsupported_reason",
 ]
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
 
 
@@ -66,19 +65,11 @@ class ProbeKernelParams:
 
 def probe_unsupported_reason(q: torch.Tensor, k: torch.Tensor, block_size: int) -> str | None:
     """Why the fused probe estimator cannot take these inputs (``None``: it can)."""
-    if q.dim() != 4 or k.dim() != 4:
-        return "q and k must be [B, H, S, D]"
-    b, hq, sq, d = q.shape
-    if k.shape[0] != b or k.shape[3] != d or k.shape[1] == 0 or hq % k.shape[1]:
-        return f"incompatible q {tuple(q.shape)} / k {tuple(k.shape)}"
-    if sq < 1 or sq > k.shape[2]:
-        return f"needs 1 <= Sq <= Sk, got Sq={sq}, Sk={k.shape[2]}"
-    if q.dtype != k.dtype or q.device != k.device:
-        return "q and k must share dtype and device"
-    if q.dtype not in _DTYPES:
-        return f"dtype {q.dtype} (supported: float16, bfloat16, float32)"
-    if d > MAX_HEAD_DIM:
-        return f"head dim D={d} > {MAX_HEAD_DIM}"
+    why = qk_reason(q, k)
+    if why is not None:
+        return why
+    if q.shape[3] > MAX_HEAD_DIM:
+        return f"head dim D={q.shape[3]} > {MAX_HEAD_DIM}"
     if block_size > 256:
         return f"block_size={block_size} > 256"
     nkb = math.ceil(k.shape[2] / block_size)
@@ -92,16 +83,7 @@ def probe_check_runnable(q: torch.Tensor, k: torch.Tensor, block_size: int) -> N
     why = probe_unsupported_reason(q, k, block_size)
     if why is not None:
         raise ValueError(f"the fused probe estimator does not support these inputs: {why}")
-    if not triton_available():
-        raise RuntimeError("the fused probe estimator needs Triton (pip install triton)")
-    if q.device.type == "cpu":
-        if not interpreter_on():
-            raise RuntimeError(
-                "the fused probe estimator runs on CPU tensors only under Triton's interpreter: "
-                "set TRITON_INTERPRET=1 before Triton is first imported (or use impl='torch')"
-            )
-    elif q.device.type != "cuda":
-        raise RuntimeError(f"the fused probe estimator runs on CUDA (or CPU), not {q.device}")
+    check_device_runnable(q, "probe")
 
 
 def _check_layout(rows: torch.Tensor, weights: torch.Tensor, nqb: int, sq: int, bs: int) -> int:

@@ -180,6 +180,26 @@ def _tile_rows(
 
 
 @triton.jit
+def _program_tile(n_q_tiles, n_g_tiles, HKV):
+    """This program's tile ``(qt, gt, bkv, b, kvh)``: query tile, head tile, flat b * HKV + KV
+    head and its parts. Largest query tiles (most KV blocks) first; the G heads of a KV head are
+    adjacent."""
+    pid = tl.program_id(0)
+    qt = n_q_tiles - 1 - pid % n_q_tiles
+    rest = pid // n_q_tiles
+    gt = rest % n_g_tiles
+    bkv = rest // n_g_tiles  # b * HKV + kv head
+    return qt, gt, bkv, bkv // HKV, bkv % HKV
+
+
+@triton.jit
+def _tile_nvis(qt, NQB, NKB, SQ, PREFIX, BS: tl.constexpr, BLOCK_Q: tl.constexpr):
+    """KV blocks visible to the last query row of query tile ``qt`` (decides the causal tier)."""
+    qi_last = tl.minimum(qt * BLOCK_Q + BLOCK_Q - 1, NQB - 1)
+    return tl.minimum((PREFIX + tl.minimum((qi_last + 1) * BS, SQ) - 1) // BS + 1, NKB)
+
+
+@triton.jit
 def _band_probs(acc, scale, vis):
     """Block-causal fp32 softmax of ``acc * scale`` per row (exactly 0 where not visible)."""
     z = tl.where(vis, acc * scale[:, None], float("-inf"))
@@ -446,14 +466,7 @@ def _select_kernel(
     TILE: tl.constexpr,
 ):
     R: tl.constexpr = BLOCK_G * BLOCK_Q
-    pid = tl.program_id(0)
-    # largest query tiles (most KV blocks) first; the G heads of a KV head are adjacent
-    qt = n_q_tiles - 1 - pid % n_q_tiles
-    rest = pid // n_q_tiles
-    gt = rest % n_g_tiles
-    bkv = rest // n_g_tiles  # b * HKV + kv head
-    b = bkv // HKV
-    kvh = bkv % HKV
+    qt, gt, bkv, b, kvh = _program_tile(n_q_tiles, n_g_tiles, HKV)
     r = tl.arange(0, R)
 
     # ---- band temperatures (energy calibration, DESIGN §4.3) ------------------------------------
@@ -484,8 +497,7 @@ def _select_kernel(
         scale_lo = tl.zeros([R], dtype=tl.float32) + scale_lo0
 
     # ---- causal tiers: a tile whose rows see few KV blocks runs with a narrower register row ----
-    qi_last = tl.minimum(qt * BLOCK_Q + BLOCK_Q - 1, NQB - 1)
-    tile_nvis = tl.minimum((PREFIX + tl.minimum((qi_last + 1) * BS, SQ) - 1) // BS + 1, NKB)
+    tile_nvis = _tile_nvis(qt, NQB, NKB, SQ, PREFIX, BS, BLOCK_Q)
     N4: tl.constexpr = BLOCK_N // 4
     N2: tl.constexpr = BLOCK_N // 2
     if TIERS >= 3 and N4 >= 16:
