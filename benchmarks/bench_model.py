@@ -64,6 +64,10 @@ class Defaults:
     # prism.compile_regions(model): every decoder layer compiled (dynamic shapes), the attention
     # call eager; applies to the dense baselines and every policy alike
     compile: bool = False
+    # prism.CUDAGraphPrefill: every timed pre-fill (dense baselines, null forward and every
+    # policy alike) captured once in a CUDA graph and replayed; graph_err = max |h| difference
+    # of the replay vs the eager forward
+    graph: bool = False
 
 
 # ------------------------------------------------------------------------------------------
@@ -220,9 +224,19 @@ def _null_attention(module, query, key, value, attention_mask, **kwargs):
     return query.new_zeros(query.shape[0], query.shape[2], query.shape[1], value.shape[-1]), None
 
 
+def _sdpa_graph_attention(module, query, key, value, attention_mask, **kwargs):
+    """Dense SDPA (transformers' own function) whose mask builder is Prism's: under a CUDA-graph
+    capture transformers cannot skip the causal mask (it cannot read position_ids on the host)
+    and would hand SDPA an [S, S] mask; prism_mask returns None there (plain causal)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
 _CAPTURED: list = []
 
 
+@torch.compiler.disable  # with compile_regions: no guard on the list's length (recompiles)
 def _capture_attention(module, query, key, value, attention_mask, **kwargs):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -234,9 +248,15 @@ def register_helpers():
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    for name, fn in (("bench_null", _null_attention), ("bench_capture", _capture_attention)):
+    from prism.integrations.hf.masks import prism_mask
+
+    for name, fn, mask in (
+        ("bench_null", _null_attention, prism_mask),
+        ("bench_capture", _capture_attention, sdpa_mask),
+        ("bench_sdpa_graph", _sdpa_graph_attention, prism_mask),
+    ):
         AttentionInterface.register(name, fn)
-        AttentionMaskInterface.register(name, sdpa_mask)
+        AttentionMaskInterface.register(name, mask)
 
 
 @contextlib.contextmanager
@@ -255,6 +275,22 @@ def attn_impl(model, name: str):
 def prefill(model, ids):
     h = model.model(input_ids=ids, use_cache=False).last_hidden_state
     return h, model.lm_head(h[:, -1:])
+
+
+def time_prefill(model, ids, cfg: Defaults, check: torch.Tensor | None = None):
+    """(ms, graph_err) of one pre-fill: eager, or (``cfg.graph``) replayed from a CUDA graph
+    captured for this model state; ``graph_err`` = max |h| difference of the replay vs ``check``
+    (the eager forward's hidden states), None when not asked or not graphed."""
+    if not cfg.graph:
+        return cuda_time(lambda: prefill(model, ids), cfg.reps, cfg.warmup), None
+    run = prism.CUDAGraphPrefill(lambda x: prefill(model, x), max_graphs=1, clone_outputs=False)
+    err = None
+    if check is not None:
+        err = float((run(ids)[0].float() - check.float()).abs().max())
+    ms = cuda_time(lambda: run(ids), cfg.reps, cfg.warmup)
+    run.reset()  # free the graph's memory pool before the next policy
+    torch.cuda.empty_cache()
+    return ms, err
 
 
 def cuda_time(fn, reps: int, warmup: int = 2) -> float:
@@ -342,6 +378,8 @@ def run(cfg: Defaults) -> None:
     if cfg.compile:
         prism.compile_regions(model)
         say("compile_regions: every decoder layer compiled (dynamic=True), attention eager")
+    if cfg.graph:
+        say("graph: every timed pre-fill replayed from a CUDA graph (prism.CUDAGraphPrefill)")
     c = model.config
     say(
         f"model {cfg.model}: layers={c.num_hidden_layers} heads={c.num_attention_heads}/"
@@ -379,13 +417,19 @@ def bench_length(model, ids, cfg: Defaults, say, out_dir) -> list[dict]:
     rows: list[dict] = []
     base = {}
     with attn_impl(model, "bench_null"):
-        base["null_ms"] = cuda_time(lambda: prefill(model, ids), cfg.reps, cfg.warmup)
+        base["null_ms"], _ = time_prefill(model, ids, cfg)
     torch.cuda.reset_peak_memory_stats()
     h_dense, _ = prefill(model, ids)
     dense_peak = torch.cuda.max_memory_allocated() / 2**30
     dense_nll = nll(model, h_dense, ids) if cfg.ppl else float("nan")
+    # graph=true: the dense baseline is graphed too, through a mask builder that keeps SDPA's
+    # is_causal path under capture (see _sdpa_graph_attention)
+    dense_impl = "bench_sdpa_graph" if cfg.graph else model.config._attn_implementation
+    with attn_impl(model, dense_impl):
+        dense_ms, dense_err = time_prefill(model, ids, cfg, h_dense)
+    if dense_err is not None:
+        base["dense_graph_err"] = dense_err
     del h_dense
-    dense_ms = cuda_time(lambda: prefill(model, ids), cfg.reps, cfg.warmup)
     captured = []
     if cfg.parts:
         _CAPTURED.clear()
@@ -428,17 +472,18 @@ def bench_length(model, ids, cfg: Defaults, say, out_dir) -> list[dict]:
                     def fn():
                         with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
                             return prefill(model, ids)
+
+                    row["prefill_ms"] = cuda_time(fn, cfg.reps, cfg.warmup)
                 else:
-                    fn = lambda: prefill(model, ids)  # noqa: E731
-                row["prefill_ms"] = cuda_time(fn, cfg.reps, cfg.warmup)
+                    with attn_impl(model, dense_impl):
+                        row["prefill_ms"], _ = time_prefill(model, ids, cfg)
                 row.update(density=1.0, dppl=0.0, peak_gb=dense_peak)
             else:
                 prism.patch_model(model, **kw)
-                fn = lambda: prefill(model, ids)  # noqa: E731
-                row["prefill_ms"] = cuda_time(fn, cfg.reps, cfg.warmup)
                 torch.cuda.reset_peak_memory_stats()
                 with prism.collect_stats(model) as st:
                     h, _ = prefill(model, ids)
+                row["prefill_ms"], row["graph_err"] = time_prefill(model, ids, cfg, h)
                 row["peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
                 row["density"] = st.overall_density
                 if cfg.ppl:
@@ -483,6 +528,8 @@ CSV_KEYS = [
     "density",
     "dppl",
     "peak_gb",
+    "graph_err",
+    "dense_graph_err",
     "error",
 ]
 

@@ -8,6 +8,8 @@
 #   bash benchmarks/run_h200.sh eightb   # Llama-3.1-8B shape, fixed densities; GPU tests; HF check
 #   bash benchmarks/run_h200.sh probe    # fused probe estimator: whole model eager + compile_regions
 #   bash benchmarks/run_h200.sh checks   # FA4 HF check, every GPU test, probe estimator timing
+#   bash benchmarks/run_h200.sh host     # host vs device time per attention call; CUDA graphs
+#   bash benchmarks/run_h200.sh graphs   # GPU tests; probe estimator; compile_regions + CUDA graphs
 set -uo pipefail
 phase=${1:-model}
 OUT=${OUT:-/tmp/out}
@@ -37,6 +39,22 @@ elif [ "$phase" = probe ]; then
   timeout 270 python3 benchmarks/bench_model.py gguf=$GGUF compile=true check=false parts=false \
     lengths=[8192,32768,131072] "policies=[dense,prism,$P98]" \
     reps=3 warmup=2 out=$OUT/model_compiled_h200 2>&1 | grep -v Warning
+elif [ "$phase" = graphs ]; then
+  P98=cfg:prism/configs/policies/smollm2_probe_r98.yaml
+  P985=cfg:prism/configs/policies/smollm2_probe_r985.yaml
+  P99=cfg:prism/configs/policies/smollm2_probe_r99.yaml
+  timeout 120 python3 -m pytest -q -m gpu tests/test_graphs.py tests/test_probe_fused.py 2>&1 \
+    | tee $OUT/gpu_tests_graphs.log | tail -4
+  timeout 120 python3 benchmarks/bench_probe_estimator.py lengths=[8192,32768,131072] sweep=false \
+    out=$OUT 2>&1 | grep -v Warning | tail -12
+  timeout ${GRAPH_T:-330} python3 benchmarks/bench_model.py gguf=$GGUF compile=true graph=true \
+    lengths=${GRAPH_LENGTHS:-[8192,16384,32768,65536,131072]} \
+    "policies=${GRAPH_POLICIES:-[dense,prism,$P98,$P985,$P99]}" reps=3 warmup=1 parts=false \
+    out=$OUT/model_graph_h200 2>&1 | grep -v Warning
+elif [ "$phase" = host ]; then
+  timeout ${HOST_T:-420} python3 benchmarks/profile_host.py gguf=$GGUF ${HOST_ARGS:-} \
+    "policies=[prism,cfg:prism/configs/policies/smollm2_probe_r99.yaml]" \
+    out=$OUT/host_h200 2>&1 | grep -v Warning
 elif [ "$phase" = checks ]; then
   timeout 120 python3 benchmarks/check_hf_gpu.py 2>&1 | tee $OUT/check_hf_gpu_fa4.log | tail -30
   timeout 200 python3 -m pytest -q -m gpu --continue-on-collection-errors tests 2>&1 | tee $OUT/gpu_tests_fa4.log | tail -15

@@ -196,3 +196,42 @@ def test_gpu_fused_matches_torch_path(case):
     want = probe_block_probs(q, k, bs, probes, placement)
     torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-2)
     assert ProbeScorer(block_size=bs).resolve_impl(q, k) == "triton"
+
+
+def _visible_log_masses(lm, sq, sk, bs):
+    """launch 1's entries that are written: KV blocks a query block can see."""
+    nqb, nkb = lm.shape[2], lm.shape[4]
+    i = torch.arange(nqb, device=lm.device)
+    last = (sk - sq) + torch.clamp((i + 1) * bs, max=sq) - 1
+    vis = torch.arange(nkb, device=lm.device)[None, :] <= (last // bs)[:, None]
+    return vis[None, None, :, None, :].expand_as(lm)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_fast_exp_log_masses_match_exact_exp(dtype):
+    """The packed half-precision exponentials (``fast_exp``) against launch 1 with ``exp2``:
+    the same block log-masses to ~1e-3 relative mass (base-2 logs within 1e-2), -inf alike."""
+    from prism.kernels.estimation.probe_kernels import launch_log_masses
+
+    sq = sk = 8192 + 77
+    q, k = _qk(1, 8, 2, sq, sk, 128, dtype, "cuda")
+    rows, _ = probe_layout(sq, 128, 2, "ends", q.device)
+    exact = launch_log_masses(q, k, rows, 128, fast_exp=False)
+    fast = launch_log_masses(q, k, rows, 128, fast_exp=True)
+    vis = _visible_log_masses(exact, sq, sk, 128)
+    e, f = exact[vis], fast[vis]
+    assert torch.equal(torch.isinf(e), torch.isinf(f))
+    fin = torch.isfinite(e)
+    assert fin.float().mean() > 0.9
+    torch.testing.assert_close(f[fin], e[fin], atol=1e-2, rtol=0)
+
+
+def test_fast_exp_needs_cuda():
+    from prism.kernels.estimation.probe_kernels import launch_log_masses
+
+    q, k = _qk(1, 2, 1, 64, 64, 32)
+    rows, _ = probe_layout(64, 32, 2, "ends")
+    with pytest.raises(ValueError, match="fast_exp needs a CUDA device"):
+        launch_log_masses(q, k, rows, 32, fast_exp=True)

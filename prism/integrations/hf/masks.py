@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from transformers.masking_utils import causal_mask_function, prepare_padding_mask, sdpa_mask
 
+from ...graphs import plain_prefill_assumed
+
 _NOTES = "_prism_notes"
 
 
@@ -110,6 +112,18 @@ def prism_mask(
     padding mask rides along (:func:`padding_of`) so that the rows can run sparse on their own
     spans.
     """
+    no_window = local_size is None or kv_length <= local_size
+    if (
+        plain_prefill_assumed()
+        and attention_mask is None
+        and no_window
+        and not isinstance(q_offset, torch.Tensor)
+        and kv_offset == 0
+        and q_offset + q_length == kv_length
+    ):
+        # prism.CUDAGraphPrefill's capture: unpadded, mask-less rows (its documented contract);
+        # transformers' packed-sequence guess from position_ids cannot be read while capturing
+        return None
     plain = (
         allow_is_causal_skip
         and (
