@@ -54,3 +54,25 @@ def test_inside_an_outer_compile(dynamic, shapes):
         bm = prism.build_scorer("window", block_size=64)(q, k).block_mask()
         ref = reference_attention(q.double(), k.double(), v.double(), bm).float()
         assert (compiled(q, k, v) - ref).abs().max() < 1e-4
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_flex_runs_every_dtype_with_or_without_fa4(dtype):
+    """``flex`` picks FA4 only for half precision: float32 inputs run on FlexAttention's Triton
+    backend even where FA4 is installed (FA4 would reject them); ``flex_flash`` says so."""
+    from prism.kernels.flex import flash_available
+
+    torch.manual_seed(0)
+    q = torch.randn(1, 4, 1000, 64, device="cuda", dtype=dtype)
+    k, v = (torch.randn(1, 2, 1000, 64, device="cuda", dtype=dtype) for _ in range(2))
+    sel = prism.build_scorer("meanpool", threshold=0.7)(q, k)
+    bm = sel.block_mask()
+    out = get_backend("flex")(q, k, v, bm).float()
+    ref = reference_attention(q.double(), k.double(), v.double(), bm).float()
+    assert torch.isfinite(out).all()
+    assert (out - ref).abs().max() < (1e-4 if dtype == torch.float32 else 3e-2)
+    if dtype == torch.float32 and flash_available():
+        with pytest.raises(ValueError, match="float16 / bfloat16"):
+            get_backend("flex_flash")(q, k, v, bm)

@@ -48,6 +48,7 @@ def compiled_flex_attention():
 
 
 _FLASH_OK: dict[int, bool] = {}
+_FLASH_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def flash_available(device_index: int = 0) -> bool:
@@ -79,13 +80,20 @@ def _kernel_options(q: torch.Tensor, block_mask: BlockMask, impl: str) -> dict |
         available = _FLASH_OK.get(idx, False)
     else:
         available = flash_available(idx)
+    # FA4 takes half-precision inputs only: float32 runs on FlexAttention's Triton backend
+    half = q.dtype in _FLASH_DTYPES
     use_flash = impl == "flash" or (
-        impl == "auto" and available and is_flash_safe_mask_mod(block_mask.mask_mod)
+        impl == "auto" and available and half and is_flash_safe_mask_mod(block_mask.mask_mod)
     )
     if impl == "flash" and not available:
         raise RuntimeError(
             "backend 'flex_flash' needs a CUDA GPU of compute capability >= 9.0 and FlashAttention-4 "
             "(pip install 'prism-sparse[fa4]'); use backend='flex' to fall back automatically"
+        )
+    if impl == "flash" and not half:
+        raise ValueError(
+            f"backend 'flex_flash' (FlashAttention-4) takes float16 / bfloat16 inputs, got "
+            f"{q.dtype}; use backend='flex' (float32 runs on FlexAttention's Triton backend)"
         )
     if use_flash:
         opts["BACKEND"] = "FLASH"

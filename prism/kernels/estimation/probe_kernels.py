@@ -38,29 +38,12 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _exp2_f16x2(x):
-    """2^x of float32 ``x <= 0`` through the GPU's packed half-precision ``ex2.approx.f16x2``
-    (two exponentials per special-function instruction; CUDA only, never under the interpreter).
-    Relative error ~1e-3 per term; terms below 2^-24 of the block max flush to zero."""
-    e = tl.inline_asm_elementwise(
-        "ex2.approx.f16x2 $0, $1;",
-        "=r,r",
-        [x.to(tl.float16)],
-        dtype=tl.float16,
-        is_pure=True,
-        pack=2,
-    )
-    return e.to(tl.float32)
-
-
-@triton.jit
 def _block_log_mass(qt, k_base, cols, col_ok, offs_d, d_ok, apos, sks, skd, qk_scale,
-                    CAUSAL: tl.constexpr, IS_F32: tl.constexpr, FAST_EXP: tl.constexpr):  # fmt: skip
+                    CAUSAL: tl.constexpr, IS_F32: tl.constexpr):  # fmt: skip
     """[M] base-2 log-mass of one KV block for the tile's rows (``-inf`` where a row sees none).
 
     The max is taken on the raw dot products (``qk_scale > 0``), the scale folded into the
-    exponent: one FMA + one exp2 per score (``FAST_EXP``: the exponentials in packed half
-    precision, :func:`_exp2_f16x2`)."""
+    exponent: one FMA + one exp2 per score."""
     kt = tl.load(
         k_base + cols[None, :].to(tl.int64) * sks + offs_d[:, None] * skd,
         mask=d_ok[:, None] & col_ok[None, :],
@@ -77,12 +60,7 @@ def _block_log_mass(qt, k_base, cols, col_ok, offs_d, d_ok, apos, sks, skd, qk_s
     else:  # every score is finite
         m = tl.max(s, 1)
     ms = m * qk_scale
-    x = s * qk_scale - ms[:, None]
-    if FAST_EXP:
-        e = _exp2_f16x2(x)
-    else:
-        e = tl.exp2(x)
-    return ms + tl.log2(tl.sum(e, 1))
+    return ms + tl.log2(tl.sum(tl.exp2(s * qk_scale - ms[:, None]), 1))
 
 
 @triton.jit
@@ -117,7 +95,6 @@ def _log_mass_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     IS_F32: tl.constexpr,
-    FAST_EXP: tl.constexpr,
 ):
     t = n_tiles - 1 - tl.program_id(0)  # largest tiles (most KV blocks) first
     bkv = tl.program_id(1)
@@ -154,16 +131,16 @@ def _log_mass_kernel(
         cols = j * BS + offs_n
         if BLOCK_N == BS:
             lm = _block_log_mass(qt, k_base, cols, offs_n < BS, offs_d, d_ok, apos, sks, skd,
-                                 qk_scale, False, IS_F32, FAST_EXP)  # fmt: skip
+                                 qk_scale, False, IS_F32)  # fmt: skip
         else:
             lm = _block_log_mass(qt, k_base, cols, offs_n < BS, offs_d, d_ok, apos, sks, skd,
-                                 qk_scale, True, IS_F32, FAST_EXP)  # fmt: skip
+                                 qk_scale, True, IS_F32)  # fmt: skip
         tl.store(out_rows + j, lm, mask=ok)
     for j in range(n_full, n_kv):
         cols = j * BS + offs_n
         col_ok = (offs_n < BS) & (cols < SK)
         lm = _block_log_mass(qt, k_base, cols, col_ok, offs_d, d_ok, apos, sks, skd, qk_scale,
-                             True, IS_F32, FAST_EXP)  # fmt: skip
+                             True, IS_F32)  # fmt: skip
         tl.store(out_rows + j, lm, mask=ok)
 
 
@@ -272,18 +249,10 @@ def _probe_select_kernel(
         )  # fmt: skip
 
 
-#: the packed half-precision exponentials of launch 1 on CUDA (``fast_exp=None``); see
-#: ``benchmarks/results/probe_estimator_h200*.md`` for the measured effect
-FAST_EXP_DEFAULT = True
-
-
 def launch_log_masses(
-    q, k, rows, block_size: int, *, block_m=None, num_warps=None, num_stages=None, fast_exp=None
+    q, k, rows, block_size: int, *, block_m=None, num_warps=None, num_stages=None
 ):
     """Launch 1 (shapes already checked by :mod:`.probe_op`): float32 [B, Hq, NQB, P, NKB].
-
-    ``fast_exp`` (None: :data:`FAST_EXP_DEFAULT` on CUDA, off for float32 inputs and under the
-    Triton interpreter): the exponentials in packed half precision (two per instruction).
 
     Default launch: 64 probe rows per program, 4 warps, 3 pipeline stages — the fastest of the
     sweep in ``benchmarks/results/probe_estimator_h200.md`` (64/128 rows x 4/8 warps x 2/3
@@ -306,10 +275,6 @@ def launch_log_masses(
         num_warps = 4 if block_m <= 64 else 8
     if num_stages is None:
         num_stages = 3
-    if fast_exp is None:
-        fast_exp = FAST_EXP_DEFAULT and q.is_cuda and q.dtype != torch.float32
-    elif fast_exp and not q.is_cuda:
-        raise ValueError("fast_exp needs a CUDA device (PTX ex2.approx.f16x2)")
     out = torch.empty(b, hq, nqb, p, nkb, device=q.device, dtype=torch.float32)
     _log_mass_kernel[(n_tiles, b * hkv)](
         q,
@@ -336,7 +301,6 @@ def launch_log_masses(
         BLOCK_N=block_n,
         BLOCK_D=block_d,
         IS_F32=q.dtype == torch.float32,
-        FAST_EXP=bool(fast_exp),
         num_warps=num_warps,
         num_stages=num_stages,
     )
