@@ -24,10 +24,25 @@ if TYPE_CHECKING:
 #: H200 (benchmarks/results/model_h200.md): the patched embedded model (SmolLM2-135M, Prism,
 #: flex backend with FA4) was 0.50x dense at 8K and 0.62x at 16K, 2.0x at 32K and 3.0x at 64K
 CUDA_MIN_LEN = 32768
+#: the default ``min_len`` on CUDA inside :class:`prism.CUDAGraphPrefill` (its warm-up and
+#: capture): the graph removes the per-call host overhead, so the crossover is much shorter
+#: (benchmarks/results/model_graph_short_h200.md, compile_regions + graphs on both sides)
+CUDA_GRAPH_MIN_LEN = 8192
 
 #: keys of a policy config that are not scorer parameters
 
-POLICY_KEYS = ("backend", "min_len", "min_query_len", "dense_layers", "layers", "padding")
+POLICY_KEYS = (
+    "backend",
+    "min_len",
+    "min_query_len",
+    "dense_layers",
+    "layers",
+    "padding",
+    "by_length",
+)
+#: the policy keys a ``by_length`` bucket may set (besides scorer parameters): what is chosen per
+#: layer; routing (backend, min_len, padding) stays the policy's own
+BUCKET_KEYS = ("dense_layers", "layers")
 PADDING_MODES = ("sparse", "dense")
 
 
@@ -68,13 +83,20 @@ class PrismPolicy:
         min_len: keys below this many tokens (Sk) run dense. Default (None): on a CUDA device
             the measured whole-model crossover :data:`CUDA_MIN_LEN` (below it the estimator and
             the per-call overhead cost more than sparse attention saves, see
-            ``benchmarks/results/model_h200.md``); on a CPU two blocks.
+            ``benchmarks/results/model_h200.md``), :data:`CUDA_GRAPH_MIN_LEN` inside
+            :class:`prism.CUDAGraphPrefill` (no per-call host overhead); on a CPU two blocks.
         min_query_len: fewer new queries (Sq) than this run dense; default 2, i.e. decode is dense.
         dense_layers: an int N (the first N layers run dense) or a list of layer indices.
         layers: per-layer overrides ``{layer: {...}}``; a key is an index, ``"a-b"`` or
             ``"a,b"``; a value holds scorer parameters merged into the base ones (e.g.
             ``{"threshold": 0.98}``), optionally ``scorer`` (another scorer) or ``dense: true``.
         padding: ``"sparse"`` (each padded row sparse on its own span, eager mode) or ``"dense"``.
+        by_length: length buckets ``{L: {...}}``: a call over ``Sk >= L`` keys takes its layers'
+            scorers from the bucket with the largest such ``L`` (a bucket holds scorer parameters,
+            ``layers`` and ``dense_layers``, as a policy does; unset scorer parameters come from
+            this policy's base config). E.g. higher thresholds for short prompts, lower ones from
+            32K tokens on, where the same threshold loses less. Backend, ``min_len`` and padding
+            are this policy's for every length; the block size must be the same everywhere.
         **params: scorer parameters (``threshold``, ``block_size``, ...).
 
     ``stats``: the :class:`~prism.stats.PrismStats` being collected (``None``: nothing is
@@ -91,6 +113,7 @@ class PrismPolicy:
         dense_layers: int | Sequence[int] = 0,
         layers: Mapping[Any, Mapping[str, Any]] | None = None,
         padding: str = "sparse",
+        by_length: Mapping[int, Mapping[str, Any]] | None = None,
         **params: Any,
     ) -> None:
         get_backend(backend)  # fail early on a typo
@@ -135,7 +158,41 @@ class PrismPolicy:
             for idx in _parse_layer_key(key):
                 self.layer_overrides[idx] = spec
                 self._layer_scorers[idx] = self._build_layer(idx, spec)
+        self.by_length: dict[int, PrismPolicy] = self._build_buckets(by_length or {})
+        self._bucket_keys = sorted(self.by_length, reverse=True)
         self.stats: PrismStats | None = None
+
+    def _build_buckets(self, spec: Mapping[Any, Mapping[str, Any]]) -> dict[int, PrismPolicy]:
+        if spec and self.base_config is None:
+            raise ValueError("by_length needs the policy's scorer given by name or config")
+        out: dict[int, PrismPolicy] = {}
+        for key, bucket in spec.items():
+            if isinstance(key, bool) or not str(key).isdigit() or int(key) < 1:
+                raise ValueError(f"by_length keys are key lengths (ints >= 1), got {key!r}")
+            if not isinstance(bucket, Mapping):
+                raise TypeError(
+                    f"by_length[{key!r}] must be a mapping, got {type(bucket).__name__}"
+                )
+            bucket = dict(bucket)
+            bad = sorted(k for k in bucket if k in POLICY_KEYS and k not in BUCKET_KEYS)
+            if bad:
+                raise ValueError(
+                    f"by_length[{key!r}] sets {bad}: a bucket may set scorer parameters and "
+                    f"{list(BUCKET_KEYS)}; backend, min_len, min_query_len and padding are the "
+                    "policy's own"
+                )
+            cfg = dict(self.base_config)
+            if "scorer" in bucket and bucket["scorer"] != cfg.get("scorer"):
+                cfg = {"block_size": cfg.get("block_size", self.block_size)}
+            cfg.update(bucket)
+            sub = PrismPolicy.from_dict({**cfg, "backend": self.backend, "padding": self.padding})
+            if sub.block_size != self.block_size:
+                raise ValueError(
+                    f"by_length[{key!r}] has block_size {sub.block_size}, the policy "
+                    f"{self.block_size}: one block size for every length"
+                )
+            out[int(key)] = sub
+        return out
 
     @property
     def min_len(self) -> int:
@@ -146,7 +203,11 @@ class PrismPolicy:
         """Keys below this many tokens run dense on ``device`` (see ``min_len``)."""
         if self._min_len is not None:
             return self._min_len
-        return CUDA_MIN_LEN if device.type == "cuda" else 2 * self.block_size
+        if device.type != "cuda":
+            return 2 * self.block_size
+        from .graphs import plain_prefill_assumed
+
+        return CUDA_GRAPH_MIN_LEN if plain_prefill_assumed() else CUDA_MIN_LEN
 
     def _build_layer(self, idx: int, spec: dict[str, Any]) -> Scorer | None:
         spec = dict(spec)
@@ -187,8 +248,20 @@ class PrismPolicy:
             cfg["scorer"] = "prism"
         return cls(cfg, **kw)
 
-    def scorer_for(self, layer_idx: int | None) -> Scorer | None:
-        """The scorer of layer ``layer_idx`` (``None``: that layer runs dense)."""
+    def for_length(self, kv_len: int | None) -> PrismPolicy:
+        """The policy whose layers run a call over ``kv_len`` keys: the ``by_length`` bucket of
+        the largest length <= ``kv_len``, else this policy."""
+        if kv_len is not None:
+            for key in self._bucket_keys:
+                if kv_len >= key:
+                    return self.by_length[key]
+        return self
+
+    def scorer_for(self, layer_idx: int | None, kv_len: int | None = None) -> Scorer | None:
+        """The scorer of layer ``layer_idx`` for a call over ``kv_len`` keys (``None``: that layer
+        runs dense; ``kv_len`` None: the base, length-independent choice)."""
+        if kv_len is not None and self._bucket_keys:
+            return self.for_length(kv_len).scorer_for(layer_idx)
         if layer_idx is None:
             return self.scorer
         return self._layer_scorers.get(layer_idx, self.scorer)
@@ -197,6 +270,9 @@ class PrismPolicy:
     def max_layer(self) -> int | None:
         """The highest layer index the policy names (None if it names none)."""
         named = set(self.dense_layers) | set(self.layer_overrides)
+        for sub in self.by_length.values():
+            if sub.max_layer is not None:
+                named.add(sub.max_layer)
         return max(named) if named else None
 
     def describe(self) -> str:
@@ -209,6 +285,8 @@ class PrismPolicy:
             parts.append(f"dense layers {sorted(self.dense_layers)}")
         if self.layers_spec:
             parts.append(f"overrides {self.layers_spec}")
+        for key in sorted(self.by_length):
+            parts.append(f"from {key} keys: [{self.by_length[key].describe()}]")
         return ", ".join(parts)
 
     def __repr__(self) -> str:
@@ -217,6 +295,8 @@ class PrismPolicy:
             parts.append(f"dense_layers={sorted(self.dense_layers)}")
         if self.layers_spec:
             parts.append(f"layers={self.layers_spec}")
+        if self.by_length:
+            parts.append(f"by_length={sorted(self.by_length)}")
         return f"PrismPolicy({', '.join(parts)})"
 
 
@@ -279,6 +359,9 @@ def reset_default_policy() -> None:
 
 
 __all__ = [
+    "BUCKET_KEYS",
+    "CUDA_GRAPH_MIN_LEN",
+    "CUDA_MIN_LEN",
     "PADDING_MODES",
     "POLICY_KEYS",
     "PrismPolicy",

@@ -107,3 +107,14 @@ def test_replay_with_compiled_regions_and_static_outputs():
     got2, _ = run(other)
     assert got2.data_ptr() == got.data_ptr()  # static outputs: overwritten by the replay
     torch.testing.assert_close(got2, _hidden(model, other), atol=0, rtol=0)
+
+
+def test_default_min_len_inside_a_graph_capture():
+    from prism.policy import CUDA_GRAPH_MIN_LEN, CUDA_MIN_LEN, PrismPolicy
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    auto, fixed = PrismPolicy(), PrismPolicy(min_len=1000)
+    assert auto.min_len_for(cuda) == CUDA_MIN_LEN and fixed.min_len_for(cuda) == 1000
+    with capturing_plain_prefill():
+        assert auto.min_len_for(cuda) == CUDA_GRAPH_MIN_LEN < CUDA_MIN_LEN
+        assert fixed.min_len_for(cuda) == 1000 and auto.min_len_for(cpu) == 256

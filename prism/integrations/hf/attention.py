@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -105,8 +105,8 @@ _LOGGED: set = set()
 
 
 def _log_choice(policy, choice: str, sk: int, min_len: int, device: torch.device) -> None:
-    """Log once per (policy, choice, device type) whether pre-fills run sparse or dense."""
-    key = (id(policy), choice, device.type)
+    """Log once per (policy, choice, device type, min_len) whether pre-fills run sparse or dense."""
+    key = (id(policy), choice, device.type, min_len)
     if key in _LOGGED or torch.compiler.is_compiling():
         return
     _LOGGED.add(key)
@@ -187,8 +187,11 @@ def _padded_rows(call: AttentionCall, q, k, v, mask, padding) -> torch.Tensor:
         queries = slice(qs - prefix, e - prefix)
         qr = q[rows, :, queries]
         kr, vr = k[rows, :, s:e], v[rows, :, s:e]
-        if _route(call, qr.shape[2], kr.shape[2], qr.device) is None:
-            o, sel = _sparse(call, qr, kr, vr)
+        rc = call  # a length-bucketed policy (by_length) picks by the row's own key count
+        if call.policy.by_length:
+            rc = replace(call, scorer=call.policy.scorer_for(call.layer, kr.shape[2]))
+        if _route(rc, qr.shape[2], kr.shape[2], qr.device) is None:
+            o, sel = _sparse(rc, qr, kr, vr)
             if stats is not None:
                 stats.record_sparse(call.layer, sel, qr, kr, call.scaling, new_call=False)
             out[row, :, queries] = o[0]
@@ -277,7 +280,7 @@ def prism_attention_forward(
     call = AttentionCall(
         module=module,
         policy=policy,
-        scorer=policy.scorer_for(layer),
+        scorer=policy.scorer_for(layer, key.shape[2]),
         layer=layer,
         stats=None if compiling else policy.stats,
         scaling=scaling,

@@ -228,6 +228,11 @@ class PrismAttentionImpl(CPUAttentionBackendImpl):
                 "Prism: sparse pre-fill (%d new tokens over %d keys, layer %s): %s",
                 plan.query_len(r), plan.seq_lens[r], idx, policy.describe(),
             )  # fmt: skip
+            if policy.by_length:
+                logger.warning(
+                    "Prism vLLM backend: the policy's by_length buckets are not applied here; "
+                    "every request runs the policy's base layers"
+                )
         stats = policy.stats
         if stats is not None:
             stats.record_call(idx, sparse=True)

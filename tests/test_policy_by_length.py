@@ -1,0 +1,89 @@
+"""Length-bucketed policies (``by_length``): the layers' scorers chosen by the call's key count.
+
+Unit level (which scorer a layer gets at which Sk, YAML loading, bad buckets) and through the
+Hugging Face integration on a tiny random Llama (CPU, flex): a bucket with threshold 1.0 from
+a given length on gives exactly the dense model's logits there, while shorter inputs run sparse.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import prism
+from prism.models.tiny import tiny_model
+from prism.policy import PrismPolicy
+
+
+def _policy(**kw):
+    return PrismPolicy.from_dict(
+        {
+            "scorer": "probe",
+            "threshold": 0.99,
+            "layers": {0: {"threshold": 0.995}},
+            "by_length": {
+                1000: {"threshold": 0.97, "layers": {"0-1": {"threshold": 0.98}}},
+                5000: {"threshold": 0.9, "dense_layers": [2]},
+            },
+            **kw,
+        }
+    )
+
+
+def test_scorer_per_layer_and_length():
+    pol = _policy()
+    th = lambda layer, n: pol.scorer_for(layer, n).config.threshold  # noqa: E731
+    assert [th(0, 999), th(1, 999), th(3, 999)] == [0.995, 0.99, 0.99]  # the base policy
+    assert [th(0, 1000), th(1, 4999), th(3, 1000)] == [0.98, 0.98, 0.97]  # bucket 1000
+    assert [th(0, 5000), th(3, 10**6)] == [0.9, 0.9]  # bucket 5000: its own layers only
+    assert pol.scorer_for(2, 5000) is None and pol.scorer_for(2, 4999) is not None
+    assert pol.scorer_for(0).config.threshold == 0.995  # no length: the base choice
+    assert pol.scorer_for(3, 5000).name == "probe"  # scorer keys inherited from the base
+    assert pol.for_length(20) is pol and pol.for_length(7000) is pol.by_length[5000]
+    assert pol.max_layer == 2
+    assert "from 1000 keys" in pol.describe() and "by_length=[1000, 5000]" in repr(pol)
+
+
+def test_yaml_and_errors(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text(
+        "scorer: meanpool\nthreshold: 0.9\nby_length:\n  2048:\n    threshold: 0.8\n"
+        "    layers:\n      1: {dense: true}\n"
+    )
+    pol = PrismPolicy.from_config(path)
+    assert pol.scorer_for(0, 4096).config.threshold == 0.8 and pol.scorer_for(1, 4096) is None
+    assert pol.scorer_for(1, 2047).config.threshold == 0.9
+    with pytest.raises(ValueError, match="backend, min_len, min_query_len and padding"):
+        PrismPolicy("prism", by_length={1000: {"min_len": 5}})
+    with pytest.raises(ValueError, match="ints >= 1"):
+        PrismPolicy("prism", by_length={"long": {"threshold": 0.9}})
+    with pytest.raises(ValueError, match="one block size"):
+        PrismPolicy("prism", by_length={1000: {"block_size": 64}})
+    with pytest.raises(ValueError, match="unknown config key"):
+        PrismPolicy("prism", by_length={1000: {"treshold": 0.9}})
+    with pytest.raises(TypeError, match="must be a mapping"):
+        PrismPolicy("prism", by_length={1000: 0.9})
+
+
+@torch.no_grad()
+def test_hf_model_takes_the_bucket_of_its_length():
+    model = tiny_model("llama", layers=2)
+    g = torch.Generator().manual_seed(0)
+    short, long = (torch.randint(0, 512, (1, n), generator=g) for n in (700, 1300))
+    dense = {n: model(ids).logits for n, ids in ((700, short), (1300, long))}
+    prism.patch_model(
+        model,
+        scorer="meanpool",
+        threshold=0.5,
+        block_size=64,
+        min_len=1,
+        by_length={1024: {"threshold": 1.0}},
+    )
+    with prism.collect_stats(model) as st:
+        out_short = model(short).logits
+    assert st.overall_density < 0.9  # below 1024 keys: threshold 0.5, sparse
+    assert (out_short - dense[700]).abs().max() > 1e-3
+    with prism.collect_stats(model) as st:
+        out_long = model(long).logits
+    assert st.overall_density == pytest.approx(1.0)  # from 1024 keys: threshold 1.0
+    torch.testing.assert_close(out_long, dense[1300], atol=2e-4, rtol=2e-4)
