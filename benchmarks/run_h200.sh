@@ -51,6 +51,21 @@ elif [ "$phase" = graphs ]; then
     lengths=${GRAPH_LENGTHS:-[8192,16384,32768,65536,131072]} \
     "policies=${GRAPH_POLICIES:-[dense,prism,$P98,$P985,$P99]}" reps=3 warmup=1 parts=false \
     out=$OUT/model_graph_h200 2>&1 | grep -v Warning
+elif [ "$phase" = final ]; then
+  NL=cfg:prism/configs/policies/smollm2_probe_near_lossless.yaml
+  timeout 100 python3 -m pytest -q -m gpu tests/test_graphs.py tests/test_flex_fa4_safe.py \
+    tests/test_probe_fused.py 2>&1 | tee $OUT/gpu_tests_graphs.log | tail -4
+  timeout 100 python3 benchmarks/bench_estimator_share.py gguf=$GGUF out=$OUT/estimator_share_h200 \
+    2>&1 | grep -v Warning | grep "^{"
+  timeout 150 python3 benchmarks/bench_model.py gguf=$GGUF compile=true graph=true check=false \
+    lengths=[2048,4096,8192,32768] "policies=[dense,prism,$NL@32768]" reps=5 warmup=1 \
+    parts=false out=$OUT/model_graph_short_h200 2>&1 | grep -v Warning | tail -12
+  timeout 200 python3 benchmarks/bench_model.py model=random-llama8b compile=true graph=true \
+    check=false lengths=[131072] "policies=[dense,topk:0.2]" reps=1 warmup=1 ppl=false \
+    parts=false out=$OUT/llama8b_graph_h200 2>&1 | grep -v Warning | tail -5
+elif [ "$phase" = confirm ]; then
+  timeout 100 python3 benchmarks/bench_estimator_share.py gguf=$GGUF lengths=[32768] \
+    out=$OUT/estimator_share_h200 2>&1 | grep -v Warning | grep "^{"
 elif [ "$phase" = host ]; then
   timeout ${HOST_T:-420} python3 benchmarks/profile_host.py gguf=$GGUF ${HOST_ARGS:-} \
     "policies=[prism,cfg:prism/configs/policies/smollm2_probe_r99.yaml]" \

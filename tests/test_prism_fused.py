@@ -316,6 +316,9 @@ def test_default_launch_shapes():
     assert long.tiers == 3 and long.dot_prec == "tf32x3"
     assert pick_select_config(4, 1024, "cpu").dot_prec == "ieee"
     assert 2 <= long.num_warps <= 16 and math.log2(long.num_warps).is_integer()
+    # a group that is not a power of two runs one head per row group (no idle row slots)
+    g3 = pick_select_config(3, 256)
+    assert (g3.block_g, g3.block_q) == (1, 16) and (long.block_g, long.block_q) == (4, 4)
 
 
 # -- layering ------------------------------------------------------------------------------------
