@@ -66,6 +66,9 @@ elif [ "$phase" = final ]; then
 elif [ "$phase" = confirm ]; then
   timeout 100 python3 benchmarks/bench_estimator_share.py gguf=$GGUF lengths=[32768] \
     out=$OUT/estimator_share_h200 2>&1 | grep -v Warning | grep "^{"
+  timeout 120 python3 benchmarks/bench_model.py gguf=$GGUF compile=true check=false parts=false \
+    ppl=false lengths=[32768] "policies=[prism]" profile=[32768] reps=2 warmup=1 \
+    out=$OUT/model_profile_compiled_h200 2>&1 | grep -v Warning | tail -3
 elif [ "$phase" = host ]; then
   timeout ${HOST_T:-420} python3 benchmarks/profile_host.py gguf=$GGUF ${HOST_ARGS:-} \
     "policies=[prism,cfg:prism/configs/policies/smollm2_probe_r99.yaml]" \
