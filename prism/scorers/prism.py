@@ -23,6 +23,7 @@ from ..kernels.estimation.op import (
     triton_available,
 )
 from ..masks import BlockSelection, apply_rule, block_causal, masked_softmax
+from ._fused_ops import config_key
 from .base import ProbScorerConfig, Scorer, register_scorer
 from .pooling import gqa_scores, pool_blocks
 
@@ -106,6 +107,13 @@ def band_dims(d: int, width: int, band: str, layout: str = "half") -> torch.Tens
 def _rms(x: torch.Tensor) -> torch.Tensor:
     """RMS over (blocks, dims): [B, H, N, d] -> [B, H], clamped at 1e-6."""
     return x.pow(2).mean(dim=(-2, -1)).sqrt().clamp_min(1e-6)
+
+
+@torch.compiler.assume_constant_result
+def _op_key(scorer: PrismScorer) -> str:
+    """The fused op's config key, computed in plain Python while Dynamo traces (a constant of
+    the graph: Dynamo cannot trace JSON)."""
+    return config_key(scorer.config)
 
 
 @register_scorer("prism")
@@ -199,8 +207,10 @@ class PrismScorer(Scorer):
         """The fused estimator: a list-stored selection (its ``block_mask()`` wraps the lists the
         kernel wrote). Raises where the kernel cannot run (no Triton, CPU without the
         interpreter, unsupported inputs). ``params``: :meth:`kernel_params` if already made."""
-        params = params or self.kernel_params(q.shape[-1])
-        lists = prism_select_block_lists(q, k, params)
+        if torch.compiler.is_compiling():  # Dynamo cannot trace the launcher: the opaque op
+            lists = torch.ops.prism.prism_select_lists(q, k, _op_key(self))
+        else:
+            lists = prism_select_block_lists(q, k, params or self.kernel_params(q.shape[-1]))
         return BlockSelection.from_lists(lists, q.shape[2], k.shape[2], self.config.block_size)
 
     def _route(self, q: torch.Tensor, k: torch.Tensor) -> tuple[str, PrismKernelParams | None]:

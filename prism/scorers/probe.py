@@ -40,6 +40,7 @@ from ..kernels.estimation.probe_op import (
     probe_unsupported_reason,
 )
 from ..masks import BlockSelection, apply_rule, block_causal
+from ._fused_ops import probe_params_key
 from ._validate import check_int
 from .base import ProbScorerConfig, Scorer, register_scorer
 
@@ -178,6 +179,14 @@ def probe_block_probs(
     return out
 
 
+@torch.compiler.assume_constant_result
+def _op_key(scorer: ProbeScorer) -> str:
+    """The fused op's parameter key, computed in plain Python while Dynamo traces (a constant
+    of the graph)."""
+    c = scorer.config
+    return probe_params_key(scorer.kernel_params(), c.probes, c.placement)
+
+
 @register_scorer("probe")
 class ProbeScorer(Scorer):
     """Exact probe queries per block; see the module docstring for the exact definition."""
@@ -222,8 +231,11 @@ class ProbeScorer(Scorer):
         a list-stored selection. Raises where the kernels cannot run."""
         c = self.config
         sq, sk = q.shape[2], k.shape[2]
-        rows, weights = probe_layout(sq, c.block_size, c.probes, c.placement, q.device)
-        lists = probe_select_block_lists(q, k, rows, weights, self.kernel_params())
+        if torch.compiler.is_compiling():  # Dynamo cannot trace the launchers: the opaque op
+            lists = torch.ops.prism.probe_select_lists(q, k, _op_key(self))
+        else:
+            rows, weights = probe_layout(sq, c.block_size, c.probes, c.placement, q.device)
+            lists = probe_select_block_lists(q, k, rows, weights, self.kernel_params())
         return BlockSelection.from_lists(lists, sq, sk, c.block_size)
 
     def select_torch(self, q: torch.Tensor, k: torch.Tensor) -> BlockSelection:

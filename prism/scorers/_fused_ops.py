@@ -1,0 +1,102 @@
+"""The fused estimators as ``torch.library`` custom ops, for use inside ``torch.compile``.
+
+(They live with the scorers, not in ``prism.kernels``: the ops resolve a scorer's config and
+probe layout, which are scorer code; the kernels stay free of scorer imports.)
+
+Dynamo cannot trace the estimators' host code (launch planning, Triton launches), so under
+``torch.compile`` the scorers call these opaque ops instead (their output shapes come from the
+fake implementations; the real ones are the eager launchers):
+
+* ``torch.ops.prism.prism_select_lists(q, k, config_key)`` —
+  :func:`prism.kernels.estimation.op.prism_select_block_lists` with the Prism scorer config of ``config_key`` resolved
+  for q's head dim (inside the op: the head dim may be symbolic while tracing);
+* ``torch.ops.prism.probe_select_lists(q, k, params_key)`` —
+  :func:`prism.kernels.estimation.probe_op.probe_select_block_lists` over the probe layout of ``params_key``'s ``probes``
+  and ``placement`` (``prism.scorers.probe.probe_layout``, built inside the op: eager code).
+
+The keys are JSON strings (compile-time constants; parsed once and cached): ``config_key`` the
+``prism`` scorer's config fields, ``params_key`` ``{"kernel": ProbeKernelParams, "probes": P,
+"placement": ...}``. Both return ``(kv_num, kv_idx, full_num, full_idx)``: int32 ``[B, Hq, NQB]`` and
+``[B, Hq, NQB, NKB]``. Forward only (no autograd formula).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+
+import torch
+from torch import Tensor
+
+from ..kernels.estimation.op import PrismKernelParams, prism_select_block_lists
+from ..kernels.estimation.probe_op import ProbeKernelParams, probe_select_block_lists
+
+__all__ = ["config_key", "prism_select_lists_op", "probe_params_key", "probe_select_lists_op"]
+
+
+def config_key(config) -> str:
+    """The JSON key of a ``prism`` scorer config (:class:`prism.scorers.prism.PrismConfig`)."""
+    return json.dumps(dataclasses.asdict(config), sort_keys=True)
+
+
+def probe_params_key(params: ProbeKernelParams, probes: int, placement: str) -> str:
+    """The JSON key of the probe op: kernel parameters plus the probe layout's knobs."""
+    doc = {"kernel": dataclasses.asdict(params), "probes": int(probes), "placement": placement}
+    return json.dumps(doc, sort_keys=True)
+
+
+@functools.lru_cache(maxsize=256)
+def _prism_scorer(key: str):
+    from .prism import PrismScorer  # that module imports this one
+
+    return PrismScorer(**json.loads(key))
+
+
+def _prism_params(key: str, d: int) -> PrismKernelParams:
+    return _prism_scorer(key).kernel_params(int(d))
+
+
+@functools.lru_cache(maxsize=256)
+def _probe_params(key: str) -> tuple[ProbeKernelParams, int, str]:
+    doc = json.loads(key)
+    return ProbeKernelParams(**doc["kernel"]), doc["probes"], doc["placement"]
+
+
+def _fake_lists(q: Tensor, k: Tensor, block_size: int):
+    b, hq, sq = q.shape[0], q.shape[1], q.shape[2]
+    nqb = (sq + block_size - 1) // block_size
+    nkb = (k.shape[2] + block_size - 1) // block_size
+    num = q.new_empty((b, hq, nqb), dtype=torch.int32)
+    idx = q.new_empty((b, hq, nqb, nkb), dtype=torch.int32)
+    return num, idx, torch.empty_like(num), torch.empty_like(idx)
+
+
+@torch.library.custom_op("prism::prism_select_lists", mutates_args=())
+def prism_select_lists_op(
+    q: Tensor, k: Tensor, config: str
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The fused Prism estimator's block lists (see the module docstring)."""
+    return tuple(prism_select_block_lists(q, k, _prism_params(config, q.shape[-1])))
+
+
+@prism_select_lists_op.register_fake
+def _(q, k, config):
+    return _fake_lists(q, k, int(json.loads(config)["block_size"]))
+
+
+@torch.library.custom_op("prism::probe_select_lists", mutates_args=())
+def probe_select_lists_op(
+    q: Tensor, k: Tensor, params: str
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The fused probe estimator's block lists (see the module docstring)."""
+    from .probe import probe_layout  # that module imports this one
+
+    kernel, probes, placement = _probe_params(params)
+    rows, weights = probe_layout(q.shape[2], kernel.block_size, probes, placement, q.device)
+    return tuple(probe_select_block_lists(q, k, rows, weights, kernel))
+
+
+@probe_select_lists_op.register_fake
+def _(q, k, params):
+    return _fake_lists(q, k, _probe_params(params)[0].block_size)

@@ -1,0 +1,89 @@
+"""The fused estimators inside ``torch.compile`` (``prism.scorers._fused_ops``).
+
+Dynamo cannot trace the estimators' launchers, so under compile the scorers with
+``impl="triton"`` call opaque ``torch.library`` ops. Checked on CPU under Triton's interpreter:
+``torch.library.opcheck`` (schema, fake shapes vs the real outputs), and a ``fullgraph``
+compile of scorer -> BlockMask -> flex (dynamic shapes over two ragged lengths; a cached prefix
+with static shapes) giving the eager block lists and outputs exactly.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import prism
+from prism.kernels import get_backend
+from prism.kernels.estimation import op
+from prism.scorers._fused_ops import config_key, probe_params_key
+
+needs_interpreter = pytest.mark.skipif(
+    not (op.triton_available() and op.interpreter_on()),
+    reason="needs Triton's interpreter (TRITON_INTERPRET=1, no CUDA)",
+)
+
+SCORERS = {
+    "prism": dict(scorer="prism", impl="triton", threshold=0.8, block_size=64),
+    "probe": dict(scorer="probe", impl="triton", threshold=0.8, block_size=64, probes=2),
+}
+
+
+def _qkv(sq, sk, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, 4, sq, 32, generator=g)
+    k = torch.randn(1, 2, sk, 32, generator=g)
+    k[:, :, ::37] *= 3.0  # a few strong keys: an uneven selection
+    return q, k, torch.randn(1, 2, sk, 32, generator=g)
+
+
+@needs_interpreter
+def test_opcheck_both_ops():
+    q, k, _ = _qkv(200, 330)
+    pr = prism.build_scorer(SCORERS["prism"])
+    pb = prism.build_scorer(SCORERS["probe"])
+    torch.library.opcheck(torch.ops.prism.prism_select_lists.default, (q, k, config_key(pr.config)))
+    key = probe_params_key(pb.kernel_params(), 2, "ends")
+    torch.library.opcheck(torch.ops.prism.probe_select_lists.default, (q, k, key))
+
+
+@needs_interpreter
+@pytest.mark.parametrize("name", list(SCORERS))
+@pytest.mark.parametrize(
+    "dynamic,shapes",
+    [
+        (True, ((300, 300), (421, 421))),  # dynamic shapes, two ragged lengths
+        (False, ((250, 421),)),  # a cached prefix (static: see tests/test_flex_fa4_safe.py)
+    ],
+)
+def test_fullgraph_compile_matches_eager(name, dynamic, shapes):
+    scorer = prism.build_scorer(SCORERS[name])
+    flex = get_backend("flex")
+
+    def run(q, k, v):
+        sel = scorer(q, k)
+        return flex(q, k, v, sel.block_mask()), sel.lists
+
+    compiled = torch.compile(run, fullgraph=True, dynamic=dynamic)
+    for sq, sk in shapes:
+        q, k, v = _qkv(sq, sk, seed=sq + sk)
+        want_out, want_lists = run(q, k, v)
+        got_out, got_lists = compiled(q, k, v)
+        for a, b in zip(got_lists, want_lists):
+            assert torch.equal(a, b)
+        assert torch.isfinite(got_out).all()
+        torch.testing.assert_close(got_out, want_out, atol=1e-5, rtol=1e-5)
+        assert prism.BlockSelection.from_lists(want_lists, sq, sk, 64).density < 1.0
+
+
+def test_key_round_trip_and_errors():
+    from prism.scorers._fused_ops import _prism_params, _probe_params
+
+    scorer = prism.build_scorer("prism", threshold=0.9, high_dims=16)
+    assert _prism_params(config_key(scorer.config), 64) == scorer.kernel_params(64)
+    pb = prism.build_scorer("probe", probes=3, placement="uniform").kernel_params()
+    assert _probe_params(probe_params_key(pb, 3, "uniform")) == (pb, 3, "uniform")
+    if not (op.triton_available() and op.interpreter_on()):
+        pytest.skip("the op's real implementation needs the interpreter on CPU")
+    q, k, _ = _qkv(100, 100)
+    with pytest.raises(ValueError):  # the launcher's own checks: Hq not a multiple of Hkv
+        torch.ops.prism.prism_select_lists(q[:, :3], k, config_key(scorer.config))
