@@ -7,7 +7,9 @@ CUDA graph. A replay launches every kernel of the forward at once: the per-layer
 capture instead of on every call, which is what limits a small model's speed-up at 8K-32K
 tokens (``benchmarks/results/README.md``).
 
-    run = prism.CUDAGraphPrefill(lambda ids: model.model(input_ids=ids).last_hidden_state)
+    run = prism.CUDAGraphPrefill(
+        lambda ids: model.model(input_ids=ids, use_cache=False).last_hidden_state
+    )
     h = run(ids)          # first call for this shape: warm-up + capture, then replay
     h = run(other_ids)    # same shape: replay only
 
@@ -18,40 +20,78 @@ What a graph can and cannot do (also in the README):
 * the function must be free of host synchronisation and of Python decisions that read tensor
   data; inputs are copied into static buffers, outputs are the graph's static tensors (cloned
   unless ``clone_outputs=False``);
-* under capture, the ``"prism"`` mask builder takes every row as one unpadded causal sequence
-  (transformers' packed-sequence guess from ``position_ids`` cannot be read on the host): pass
-  unpadded ``input_ids`` only, no ``attention_mask``, no cache.
+* inputs are one causal sequence per row: transformers' packed-sequence guess (it reads
+  ``position_ids`` on the host) answers "not packed" while capturing; no cache. Masks that
+  exist are still built and run without host reads (padding masks and sliding windows take the
+  span-sparse path the compiled model takes; statistics are not collected under capture).
+  Unpadded ``input_ids`` without ``attention_mask`` run the plain causal path (fastest);
+* routing follows the default ``min_len`` inside a graph, ``prism.policy.CUDA_GRAPH_MIN_LEN``
+  (the eager default is longer), so with the default a 4K-32K replay runs sparse where the eager
+  forward runs dense; pass ``min_len`` to the policy to make both route alike.
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-__all__ = ["CUDAGraphPrefill", "capturing_plain_prefill"]
+__all__ = ["CUDAGraphPrefill", "capturing_plain_prefill", "stream_capturing"]
 
-_PLAIN_CAPTURE = [False]
+_STATE = threading.local()  # per thread: inside capturing_plain_prefill()
+_GUESS_PATCHED = [False]
 
 
 def plain_prefill_assumed() -> bool:
-    """True inside :func:`capturing_plain_prefill` (read by the ``"prism"`` mask builder)."""
-    return _PLAIN_CAPTURE[0]
+    """True inside :func:`capturing_plain_prefill` in this thread."""
+    return getattr(_STATE, "active", False)
+
+
+def stream_capturing() -> bool:
+    """True while the current CUDA stream is being captured into a graph (no host reads then)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def _neutralise_packed_guess() -> None:
+    """Make transformers' packed-sequence guess (``find_packed_sequence_indices``, which reads
+    ``position_ids`` on the host, or under capture returns a tensor that turns every mask into an
+    explicit one) answer "one sequence per row" inside :func:`capturing_plain_prefill` only.
+    Installed once; outside the context (and in other threads) the original runs."""
+    if _GUESS_PATCHED[0]:
+        return
+    _GUESS_PATCHED[0] = True
+    try:
+        import transformers.masking_utils as mu
+    except Exception:  # transformers is optional
+        return
+    original = getattr(mu, "find_packed_sequence_indices", None)
+    if original is None:
+        return
+
+    def find_packed_sequence_indices(position_ids):
+        return None if plain_prefill_assumed() else original(position_ids)
+
+    find_packed_sequence_indices.__wrapped__ = original
+    mu.find_packed_sequence_indices = find_packed_sequence_indices
 
 
 @contextlib.contextmanager
 def capturing_plain_prefill():
-    """While active, the ``"prism"`` mask builder treats a mask-less forward as plain causal
-    attention over one unpadded sequence per row, without reading tensor data."""
-    before = _PLAIN_CAPTURE[0]
-    _PLAIN_CAPTURE[0] = True
+    """While active (this thread): transformers' packed-sequence guess answers "one unpadded
+    sequence per row" (the contract of :class:`CUDAGraphPrefill`: its rows are plain causal
+    sequences), and the default CUDA ``min_len`` is ``prism.policy.CUDA_GRAPH_MIN_LEN``. Every
+    other mask (padding, sliding windows, custom mask functions) is still built."""
+    _neutralise_packed_guess()
+    before = plain_prefill_assumed()
+    _STATE.active = True
     try:
         yield
     finally:
-        _PLAIN_CAPTURE[0] = before
+        _STATE.active = before
 
 
 def _signature(args: tuple) -> tuple:
@@ -81,21 +121,24 @@ def _flatten(out: Any) -> list[torch.Tensor]:
 def _map(out: Any, fn) -> Any:
     if isinstance(out, torch.Tensor):
         return fn(out)
-    return type(out)(_map(o, fn) for o in out)
+    items = [_map(o, fn) for o in out]
+    return type(out)(*items) if hasattr(out, "_fields") else type(out)(items)  # namedtuples
 
 
 class _Graph:
     def __init__(self, fn: Callable, args: tuple, warmup: int) -> None:
+        dev = args[0].device
         self.inputs = [a.clone() for a in args]
-        stream = torch.cuda.Stream(device=args[0].device)
-        stream.wait_stream(torch.cuda.current_stream(args[0].device))
-        with capturing_plain_prefill(), torch.cuda.stream(stream):
-            for _ in range(warmup):  # compiles, caches and lazy inits happen outside the graph
-                fn(*self.inputs)
-        torch.cuda.current_stream(args[0].device).wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with capturing_plain_prefill(), torch.cuda.graph(self.graph):
-            self.output = fn(*self.inputs)
+        with torch.cuda.device(dev):
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with capturing_plain_prefill(), torch.cuda.stream(stream):
+                for _ in range(warmup):  # compiles, caches, lazy inits: outside the graph
+                    fn(*self.inputs)
+            torch.cuda.current_stream().wait_stream(stream)
+            self.graph = torch.cuda.CUDAGraph()
+            with capturing_plain_prefill(), torch.cuda.graph(self.graph):
+                self.output = fn(*self.inputs)
         _flatten(self.output)  # fail now on a non-tensor output
 
     def __call__(self, args: tuple, clone: bool) -> Any:

@@ -27,7 +27,7 @@ CUDA_MIN_LEN = 32768
 #: the default ``min_len`` on CUDA inside :class:`prism.CUDAGraphPrefill` (its warm-up and
 #: capture): the graph removes the per-call host overhead, so the crossover is much shorter
 #: (benchmarks/results/model_graph_short_h200.log, compile_regions + graphs on both sides:
-#: Prism 0.93x of dense at 2K, 1.11x at 4K, 1.38x at 8K)
+#: Prism 0.93x of dense at 2K, 1.10x at 4K, 1.38x at 8K)
 CUDA_GRAPH_MIN_LEN = 4096
 
 #: keys of a policy config that are not scorer parameters
@@ -94,8 +94,9 @@ class PrismPolicy:
         padding: ``"sparse"`` (each padded row sparse on its own span, eager mode) or ``"dense"``.
         by_length: length buckets ``{L: {...}}``: a call over ``Sk >= L`` keys takes its layers'
             scorers from the bucket with the largest such ``L`` (a bucket holds scorer parameters,
-            ``layers`` and ``dense_layers``, as a policy does; unset scorer parameters come from
-            this policy's base config). E.g. higher thresholds for short prompts, lower ones from
+            ``layers`` and ``dense_layers``, as a policy does; it inherits this policy's scorer
+            parameters and per-layer overrides, its own ``layers`` entries winning, and this
+            policy's ``dense_layers`` unless it names its own). E.g. higher thresholds for short prompts, lower ones from
             32K tokens on, where the same threshold loses less. Backend, ``min_len`` and padding
             are this policy's for every length; the block size must be the same everywhere.
         **params: scorer parameters (``threshold``, ``block_size``, ...).
@@ -185,6 +186,10 @@ class PrismPolicy:
             cfg = dict(self.base_config)
             if "scorer" in bucket and bucket["scorer"] != cfg.get("scorer"):
                 cfg = {"block_size": cfg.get("block_size", self.block_size)}
+            # inherited: the policy's per-layer overrides (the bucket's own entries win) and its
+            # dense layers (unless the bucket names its own)
+            cfg["layers"] = {**self.layers_spec, **dict(bucket.pop("layers", None) or {})}
+            cfg["dense_layers"] = bucket.pop("dense_layers", sorted(self.dense_layers))
             cfg.update(bucket)
             sub = PrismPolicy.from_dict({**cfg, "backend": self.backend, "padding": self.padding})
             if sub.block_size != self.block_size:
@@ -234,7 +239,7 @@ class PrismPolicy:
     ) -> PrismPolicy:
         """A policy from a YAML file or mapping (``configs/hf/*.yaml``): scorer keys plus the
         policy keys ``backend``, ``min_len``, ``min_query_len``, ``dense_layers``, ``layers``,
-        ``padding``. ``overrides`` are ``key=value`` strings, ``params`` keyword overrides."""
+        ``padding``, ``by_length``. ``overrides`` are ``key=value`` strings, ``params`` keyword overrides."""
         from .config import load_config
 
         cfg = load_config(source, overrides)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers.masking_utils import and_masks, causal_mask_function
+from transformers.masking_utils import causal_mask_function
 
 import prism
 from prism.graphs import CUDAGraphPrefill, capturing_plain_prefill, plain_prefill_assumed
@@ -35,27 +35,39 @@ def test_rejects_non_cuda_and_bad_arguments():
         CUDAGraphPrefill(lambda x: x, warmup=0)
 
 
-def _packed_guess(b, h, q_idx, kv_idx):  # what transformers adds when it cannot read position_ids
-    return q_idx >= 0
+def _causal_or_first(b, h, q_idx, kv_idx):  # a custom mask function (not plain causal)
+    return kv_idx == 0
 
 
-def test_mask_builder_under_capture_is_plain_causal_without_reading_data():
-    fn = and_masks(causal_mask_function, _packed_guess)
-    kw = dict(batch_size=1, q_length=64, kv_length=64, mask_function=fn)
-    assert prism_mask(**kw, allow_is_causal_skip=False) is not None  # outside: built as asked
-    assert not plain_prefill_assumed()
+def test_capture_context_answers_only_the_packed_sequence_guess():
+    import threading
+
+    import transformers.masking_utils as mu
+    from transformers.masking_utils import or_masks, sliding_window_causal_mask_function
+
+    packed = torch.tensor([[0, 1, 2, 0, 1, 2, 3]])  # two sequences packed in one row
+    assert plain_prefill_assumed() is False
     with capturing_plain_prefill():
         assert plain_prefill_assumed()
-        assert prism_mask(**kw, allow_is_causal_skip=False) is None
-        # a binding sliding window and a padding mask are still built
-        assert prism_mask(**kw, local_size=16) is not None
+        assert mu.find_packed_sequence_indices(packed) is None  # "one sequence per row"
+        seen = []
+        t = threading.Thread(target=lambda: seen.append(mu.find_packed_sequence_indices(packed)))
+        t.start()
+        t.join()
+        assert seen[0] is not None  # other threads keep transformers' own answer
+        # every other mask is still built: a custom mask function, a window, padding
+        fn = or_masks(causal_mask_function, _causal_or_first)
+        assert prism_mask(batch_size=1, q_length=64, kv_length=64, mask_function=fn) is not None
+        window = sliding_window_causal_mask_function(16)
+        assert prism_mask(batch_size=1, q_length=64, kv_length=64, mask_function=window,
+                          local_size=16) is not None  # fmt: skip
         pad = torch.ones(1, 64, dtype=torch.bool)
         pad[0, :5] = False
         m = prism_mask(batch_size=1, q_length=64, kv_length=64, attention_mask=pad)
         assert m is not None and not bool(m[0, 0, 10, :5].any())
-        # a cached prefix is not a plain pre-fill
-        assert prism_mask(batch_size=1, q_length=16, kv_length=64, q_offset=10) is not None
+        assert prism_mask(batch_size=1, q_length=64, kv_length=64) is None  # plain causal
     assert not plain_prefill_assumed()
+    assert mu.find_packed_sequence_indices(packed) is not None
 
 
 def _patched(layers=3, **policy):
@@ -74,20 +86,29 @@ def _hidden(model, ids):
 @torch.no_grad()
 def test_replay_matches_eager_sparse_forward():
     model = _patched()
-    run = CUDAGraphPrefill(lambda x: _hidden(model, x), max_graphs=2)
+    calls = []  # every eager run of the function: warm-up + capture of a new shape
+
+    def fn(x):
+        calls.append(tuple(x.shape))
+        return _hidden(model, x)
+
+    run = CUDAGraphPrefill(fn, max_graphs=2, warmup=1)
     g = torch.Generator().manual_seed(0)
-    for n in (1000, 1000, 777):  # same shape twice (replay), then a new shape (second graph)
-        ids = torch.randint(0, 512, (2, n), generator=g).cuda()
-        want = _hidden(model, ids)
-        got = run(ids)
+    ids = {n: torch.randint(0, 512, (2 if n > 500 else 1, n), generator=g).cuda()
+           for n in (1000, 777, 500)}  # fmt: skip
+    # shape, eager runs it costs: new shapes 2 (warm-up + capture), held ones 0 (replay)
+    steps = [(1000, 2), (1000, 0), (777, 2), (1000, 0), (500, 2), (1000, 0), (777, 2)]
+    for n, cost in steps:  # 500 evicts the least recently used (777, not 1000)
+        before = len(calls)
+        got = run(ids[n])
+        assert len(calls) - before == cost, (n, calls)
         assert torch.isfinite(got).all()
-        torch.testing.assert_close(got, want, atol=0, rtol=0)  # the same kernels
-    assert run.num_graphs == 2
-    ids = torch.randint(0, 512, (1, 500), generator=g).cuda()  # a third shape evicts the oldest
-    torch.testing.assert_close(run(ids), _hidden(model, ids), atol=0, rtol=0)
-    assert run.num_graphs == 2
+        torch.testing.assert_close(got, _hidden(model, ids[n]), atol=0, rtol=0)  # same kernels
+        assert run.num_graphs <= 2
+    other = torch.randint(0, 512, (2, 1000), generator=g).cuda()  # new data, same shape
+    torch.testing.assert_close(run(other), _hidden(model, other), atol=0, rtol=0)
     with prism.collect_stats(model) as st:
-        _hidden(model, ids)
+        _hidden(model, ids[500])
     assert st.overall_density is not None and st.overall_density < 1.0  # really sparse
 
 

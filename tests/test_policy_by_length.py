@@ -35,13 +35,31 @@ def test_scorer_per_layer_and_length():
     th = lambda layer, n: pol.scorer_for(layer, n).config.threshold  # noqa: E731
     assert [th(0, 999), th(1, 999), th(3, 999)] == [0.995, 0.99, 0.99]  # the base policy
     assert [th(0, 1000), th(1, 4999), th(3, 1000)] == [0.98, 0.98, 0.97]  # bucket 1000
-    assert [th(0, 5000), th(3, 10**6)] == [0.9, 0.9]  # bucket 5000: its own layers only
+    # bucket 5000 sets no layers: it inherits the base override of layer 0, not bucket 1000's
+    assert [th(0, 5000), th(3, 10**6)] == [0.995, 0.9]
     assert pol.scorer_for(2, 5000) is None and pol.scorer_for(2, 4999) is not None
     assert pol.scorer_for(0).config.threshold == 0.995  # no length: the base choice
     assert pol.scorer_for(3, 5000).name == "probe"  # scorer keys inherited from the base
     assert pol.for_length(20) is pol and pol.for_length(7000) is pol.by_length[5000]
     assert pol.max_layer == 2
     assert "from 1000 keys" in pol.describe() and "by_length=[1000, 5000]" in repr(pol)
+
+
+def test_buckets_inherit_dense_layers_and_overrides():
+    pol = PrismPolicy(
+        "prism",
+        threshold=0.9,
+        dense_layers=1,
+        layers={3: {"dense": True}, 4: {"threshold": 0.7}},
+        by_length={1000: {"threshold": 0.8}, 2000: {"dense_layers": [5], "layers": {4: {}}}},
+    )
+    assert pol.scorer_for(0, 1500) is None and pol.scorer_for(3, 1500) is None
+    assert pol.scorer_for(4, 1500).config.threshold == 0.7  # the base override of layer 4
+    assert pol.scorer_for(1, 1500).config.threshold == 0.8
+    # bucket 2000 names its own dense layers (5 only); its layer-4 entry replaces the base's
+    assert pol.scorer_for(0, 2000) is not None and pol.scorer_for(5, 2000) is None
+    assert pol.scorer_for(3, 2000) is None  # the base's {dense: true} override is inherited
+    assert pol.scorer_for(4, 2000).config.threshold == 0.9
 
 
 def test_yaml_and_errors(tmp_path):
@@ -87,3 +105,15 @@ def test_hf_model_takes_the_bucket_of_its_length():
         out_long = model(long).logits
     assert st.overall_density == pytest.approx(1.0)  # from 1024 keys: threshold 1.0
     torch.testing.assert_close(out_long, dense[1300], atol=2e-4, rtol=2e-4)
+
+
+def test_shipped_near_lossless_policy_is_r99_then_r98():
+    """``smollm2_probe_near_lossless.yaml`` (measured on the H200) = r99 below 32K keys and r98
+    from 32K, layer by layer."""
+    folder = "prism/configs/policies/"
+    nl = PrismPolicy.from_config(folder + "smollm2_probe_near_lossless.yaml")
+    r98 = PrismPolicy.from_config(folder + "smollm2_probe_r98.yaml")
+    r99 = PrismPolicy.from_config(folder + "smollm2_probe_r99.yaml")
+    for layer in range(30):
+        assert nl.scorer_for(layer, 32767).config == r99.scorer_for(layer).config
+        assert nl.scorer_for(layer, 32768).config == r98.scorer_for(layer).config

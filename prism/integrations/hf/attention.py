@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from ...graphs import stream_capturing
 from ...kernels import Backend, get_backend
 from ...masks import BlockSelection, block_causal, bool_to_block_lists
 from ...masks.blockmask import span_block_mask
@@ -275,6 +276,9 @@ def prism_attention_forward(
         return _eager_region_forward(
             module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs
         )
+    # a CUDA-graph capture (prism.CUDAGraphPrefill) cannot read tensor data either: take the
+    # compiled paths (explicit masks as key spans, no statistics)
+    compiling = compiling or stream_capturing()
     policy: PrismPolicy = getattr(module, "_prism_policy", None) or default_policy()
     layer = getattr(module, "layer_idx", None)
     call = AttentionCall(

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from transformers.masking_utils import causal_mask_function, prepare_padding_mask, sdpa_mask
 
-from ...graphs import plain_prefill_assumed
+from ...graphs import stream_capturing
 
 _NOTES = "_prism_notes"
 
@@ -112,18 +112,6 @@ def prism_mask(
     padding mask rides along (:func:`padding_of`) so that the rows can run sparse on their own
     spans.
     """
-    no_window = local_size is None or kv_length <= local_size
-    if (
-        plain_prefill_assumed()
-        and attention_mask is None
-        and no_window
-        and not isinstance(q_offset, torch.Tensor)
-        and kv_offset == 0
-        and q_offset + q_length == kv_length
-    ):
-        # prism.CUDAGraphPrefill's capture: unpadded, mask-less rows (its documented contract);
-        # transformers' packed-sequence guess from position_ids cannot be read while capturing
-        return None
     plain = (
         allow_is_causal_skip
         and (
@@ -139,7 +127,7 @@ def prism_mask(
         padding = padding[:, kv_offset : kv_offset + kv_length]
     if plain and padding is None:
         return None
-    compiling = torch.compiler.is_compiling()
+    compiling = torch.compiler.is_compiling() or stream_capturing()  # no host reads there
     if plain and not compiling and bool(padding.all()):
         return None
     kwargs.pop("allow_is_bidirectional_skip", None)
