@@ -48,21 +48,6 @@ class Defaults:
     out: str = "benchmarks/results/estimator_share_h200"
 
 
-def graph_ms(fn, reps: int) -> float:
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    ms = bm.cuda_time(g.replay, reps, 2)
-    del g
-    return ms
-
-
 def one_length(model, ids, scorer, backend, reps: int) -> dict:
     """The row of one length (ids [1, S])."""
     length = ids.shape[1]
@@ -81,15 +66,15 @@ def one_length(model, ids, scorer, backend, reps: int) -> dict:
     same = all(all(torch.equal(x, y) for x, y in zip(la, lb)) for la, lb in zip(a, b))
     bms = [scorer(q, k).block_mask() for q, k, _ in caps]
     row = {"length": length, "G": g, "default_select": dataclasses.asdict(default)}
-    row["est_ms"] = graph_ms(lambda: [scorer(q, k).block_mask() for q, k, _ in caps], reps)
-    row["est_default_lists_ms"] = graph_ms(
+    row["est_ms"] = bm.graph_ms(lambda: [scorer(q, k).block_mask() for q, k, _ in caps], reps)
+    row["est_default_lists_ms"] = bm.graph_ms(
         lambda: [prism_select_block_lists(q, k, params) for q, k, _ in caps], reps
     )
-    row["est_g1_lists_ms"] = graph_ms(
+    row["est_g1_lists_ms"] = bm.graph_ms(
         lambda: [prism_select_block_lists(q, k, params, one) for q, k, _ in caps], reps
     )
     row["g1_lists_equal_default"] = same
-    row["kernel_ms"] = graph_ms(
+    row["kernel_ms"] = bm.graph_ms(
         lambda: [backend(q, k, v, m) for (q, k, v), m in zip(caps, bms)], reps
     )
     exp = [(q, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)) for q, k, v in caps]
@@ -100,7 +85,7 @@ def one_length(model, ids, scorer, backend, reps: int) -> dict:
             for q, k, v in exp:
                 F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
-    row["cudnn_ms"] = graph_ms(cudnn, reps)
+    row["cudnn_ms"] = bm.graph_ms(cudnn, reps)
     row["est_share"] = row["est_ms"] / (row["est_ms"] + row["kernel_ms"])
     row["density"] = float(sum(scorer(q, k).density for q, k, _ in caps) / len(caps))
     return row

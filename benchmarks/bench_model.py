@@ -224,15 +224,6 @@ def _null_attention(module, query, key, value, attention_mask, **kwargs):
     return query.new_zeros(query.shape[0], query.shape[2], query.shape[1], value.shape[-1]), None
 
 
-def _sdpa_graph_attention(module, query, key, value, attention_mask, **kwargs):
-    """Dense SDPA (transformers' own function) whose mask builder is Prism's: under a CUDA-graph
-    capture transformers cannot skip the causal mask (it cannot read position_ids on the host)
-    and would hand SDPA an [S, S] mask; prism_mask returns None there (plain causal)."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-
-
 _CAPTURED: list = []
 
 
@@ -246,6 +237,7 @@ def _capture_attention(module, query, key, value, attention_mask, **kwargs):
 
 def register_helpers():
     from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     from prism.integrations.hf.masks import prism_mask
@@ -253,7 +245,9 @@ def register_helpers():
     for name, fn, mask in (
         ("bench_null", _null_attention, prism_mask),
         ("bench_capture", _capture_attention, sdpa_mask),
-        ("bench_sdpa_graph", _sdpa_graph_attention, prism_mask),
+        # dense SDPA with Prism's mask builder: under a CUDA-graph capture transformers' own
+        # builder cannot skip the causal mask and would hand SDPA an [S, S] mask
+        ("bench_sdpa_graph", sdpa_attention_forward, prism_mask),
     ):
         AttentionInterface.register(name, fn)
         AttentionMaskInterface.register(name, mask)
@@ -291,6 +285,21 @@ def time_prefill(model, ids, cfg: Defaults, check: torch.Tensor | None = None):
     run.reset()  # free the graph's memory pool before the next policy
     torch.cuda.empty_cache()
     return ms, err
+
+
+def graph_ms(fn, reps: int) -> float:
+    """Median replay ms of ``fn()`` (no arguments, CUDA work only) captured once in a CUDA graph
+    after two eager warm-up calls on a side stream: device time without host overhead."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return cuda_time(g.replay, reps, 2)
 
 
 def cuda_time(fn, reps: int, warmup: int = 2) -> float:
@@ -423,7 +432,7 @@ def bench_length(model, ids, cfg: Defaults, say, out_dir) -> list[dict]:
     dense_peak = torch.cuda.max_memory_allocated() / 2**30
     dense_nll = nll(model, h_dense, ids) if cfg.ppl else float("nan")
     # graph=true: the dense baseline is graphed too, through a mask builder that keeps SDPA's
-    # is_causal path under capture (see _sdpa_graph_attention)
+    # is_causal path under capture (see register_helpers)
     dense_impl = "bench_sdpa_graph" if cfg.graph else model.config._attn_implementation
     with attn_impl(model, dense_impl):
         dense_ms, dense_err = time_prefill(model, ids, cfg, h_dense)

@@ -79,18 +79,9 @@ def _host_ms(fn, reps: int) -> float:
 
 
 def _graph_ms(fn, reps: int):
-    """(median replay ms of ``fn`` captured in a CUDA graph, None) or (nan, why)."""
+    """(``bench_model.graph_ms``, None), or (nan, why) where the loop cannot be captured."""
     try:
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            fn()
-            fn()
-        torch.cuda.current_stream().wait_stream(s)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            fn()
-        return bm.cuda_time(g.replay, reps, 2), None
+        return bm.graph_ms(fn, reps), None
     except Exception as exc:  # report why, keep going
         torch.cuda.synchronize()
         return float("nan"), f"{type(exc).__name__}: {exc!s:.160}"
