@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import itertools
 import platform
 import sys
@@ -97,26 +98,66 @@ def check(opt: Options) -> list[str]:
     return fails
 
 
+# launch-1 configurations: (schedule, block_m, num_warps, num_stages, kv_chunk)
+LAUNCH1_CONFIGS = [("q", 64, 4, 3, 0), ("q", 128, 8, 2, 0)] + [
+    ("k", bm, nw, ns, kb) for bm, nw, ns, kb in itertools.product((64, 128), (4, 8), (2, 3), (1, 2))
+]
+
+
 def sweep(opt: Options) -> list[dict]:
+    """Launch 1 over LAUNCH1_CONFIGS at every length; launch 2 over rows per program x warps at
+    the largest. Each K-stationary configuration is checked against the query schedule first."""
     rows_out = []
-    for s in sorted({min(opt.lengths), max(opt.lengths)}):
+    for s in sorted(set(opt.lengths)):
         q, k = synth_qk(1, HQ, HKV, s, D, 0, torch.bfloat16)
-        rows, _ = probe_layout(s, 128, opt.probes, opt.placement, q.device)
-        for bm, nw, ns in itertools.product((64, 128), (4, 8), (2, 3)):
+        rows, w = probe_layout(s, 128, opt.probes, opt.placement, q.device)
+        want = launch_log_masses(q, k, rows, 128, schedule="q")
+        nb = want.shape[2]  # Sq = Sk: query block i sees KV blocks 0..i (launch 2 reads these)
+        vis = torch.ones(nb, nb, dtype=torch.bool, device=q.device).tril()
+        vis = vis[None, None, :, None, :].expand_as(want)
+        fin = vis & torch.isfinite(want)
+        for sched, bm, nw, ns, kb in LAUNCH1_CONFIGS:
+            kw = dict(block_m=bm, num_warps=nw, num_stages=ns, schedule=sched, kv_chunk=kb or 2)
+            name = f"sweep S={s} schedule={sched} block_m={bm} warps={nw} stages={ns} chunk={kb}"
             try:
-                t = bench(
-                    lambda q=q, k=k, rows=rows, bm=bm, nw=nw, ns=ns: launch_log_masses(
-                        q, k, rows, 128, block_m=bm, num_warps=nw, num_stages=ns
-                    )
+                got = launch_log_masses(q, k, rows, 128, **kw)
+                same = bool(torch.equal(vis & torch.isfinite(got), fin)) and (
+                    (got[fin] - want[fin]).abs().max().item() <= 1e-3
                 )
+                t = bench(functools.partial(launch_log_masses, q, k, rows, 128, **kw))
             except Exception as e:  # out of resources etc.: report, go on
-                print(f"sweep S={s} block_m={bm} warps={nw} stages={ns}: {type(e).__name__}")
+                print(f"{name}: {type(e).__name__}: {str(e)[:120]}", flush=True)
                 continue
-            print(f"sweep S={s} block_m={bm} warps={nw} stages={ns}: launch1 {t:.3f} ms")
+            print(f"{name}: launch1 {t:.3f} ms, agrees {same}", flush=True)
             rows_out.append(
-                dict(length=s, block_m=bm, num_warps=nw, num_stages=ns, launch1_ms=round(t, 4))
-            )
-    torch.cuda.empty_cache()
+                dict(length=s, kernel="launch1", schedule=sched, block_m=bm, num_warps=nw,
+                     num_stages=ns, kv_chunk=kb, agrees=same, ms=round(t, 4))
+            )  # fmt: skip
+        if s == max(opt.lengths):
+            params = ProbeScorer(probes=opt.probes, threshold=opt.threshold).kernel_params()
+            ref = launch_select(want, w, s, s, HKV, params)
+            for rpp, nw in itertools.product((4, 8, 16, 32), (None, 4, 8, 16)):
+                try:
+                    got = launch_select(
+                        want, w, s, s, HKV, params, rows_per_program=rpp, num_warps=nw
+                    )
+                except Exception as e:  # out of shared memory for the widest tiles
+                    print(f"sweep S={s} launch2 rows={rpp} warps={nw}: {type(e).__name__}")
+                    continue
+                same = all(torch.equal(a, b) for a, b in zip(got, ref))
+                t = bench(
+                    functools.partial(
+                        launch_select, want, w, s, s, HKV, params, rows_per_program=rpp,
+                        num_warps=nw,
+                    )
+                )  # fmt: skip
+                print(f"sweep S={s} launch2 rows={rpp} warps={nw}: {t:.3f} ms, same {same}")
+                rows_out.append(
+                    dict(length=s, kernel="launch2", rows_per_program=rpp, num_warps=nw or 0,
+                         agrees=same, ms=round(t, 4))
+                )  # fmt: skip
+        del q, k, want, vis, fin
+        torch.cuda.empty_cache()
     return rows_out
 
 
@@ -132,6 +173,7 @@ def time_one(opt: Options, s: int) -> dict:
     row["probe_fused_ms"] = bench(lambda: fused.select(q, k).lists)
     lm = launch_log_masses(q, k, rows, 128)
     row["launch1_ms"] = bench(lambda: launch_log_masses(q, k, rows, 128))
+    row["launch1_qsched_ms"] = bench(lambda: launch_log_masses(q, k, rows, 128, schedule="q"))
     row["launch2_ms"] = bench(lambda: launch_select(lm, w, s, s, HKV, params))
     row["probe_fused_peak_mb"] = round(peak_extra_mb(lambda: fused.select(q, k).lists)[0], 1)
     if s <= opt.torch_max:
@@ -180,7 +222,7 @@ def main(argv=None) -> None:
     md = markdown_records(rows, cols)
     text = f"{header}\n\nHq={HQ}, Hkv={HKV}, D={D}, bf16, batch 1, P={opt.probes}\n\n{md}\n"
     if sweep_rows:
-        text += "\nlaunch-1 sweep\n\n" + markdown_records(sweep_rows) + "\n"
+        text += "\nsweep\n\n" + markdown_records(sweep_rows) + "\n"
     (out / "probe_estimator_h200.md").write_text(text)
     (out / "probe_estimator_h200_cmd.txt").write_text(" ".join(sys.argv) + "\n")
     print(text)

@@ -109,13 +109,6 @@ def _rms(x: torch.Tensor) -> torch.Tensor:
     return x.pow(2).mean(dim=(-2, -1)).sqrt().clamp_min(1e-6)
 
 
-@torch.compiler.assume_constant_result
-def _op_key(scorer: PrismScorer) -> str:
-    """The fused op's config key, computed in plain Python while Dynamo traces (a constant of
-    the graph: Dynamo cannot trace JSON)."""
-    return config_key(scorer.config)
-
-
 @register_scorer("prism")
 class PrismScorer(Scorer):
     """Prism (DESIGN.md §4). ``config.impl`` picks the implementation (see :class:`PrismConfig`);
@@ -123,6 +116,12 @@ class PrismScorer(Scorer):
 
     Config = PrismConfig
     last_path: str | None = None
+
+    def __init__(self, config: PrismConfig | None = None, **params) -> None:
+        super().__init__(config, **params)
+        # the fused op's key, a plain string (Dynamo reads it as a constant of the graph); the
+        # config is read here once, as everywhere a scorer is used: build a new scorer to change it
+        self.op_key = config_key(self.config)
 
     # -- resolved knobs -----------------------------------------------------------------------
     def band_widths(self, d: int) -> tuple[int, int]:
@@ -208,7 +207,7 @@ class PrismScorer(Scorer):
         kernel wrote). Raises where the kernel cannot run (no Triton, CPU without the
         interpreter, unsupported inputs). ``params``: :meth:`kernel_params` if already made."""
         if torch.compiler.is_compiling():  # Dynamo cannot trace the launcher: the opaque op
-            lists = torch.ops.prism.prism_select_lists(q, k, _op_key(self))
+            lists = torch.ops.prism.prism_select_lists(q, k, self.op_key)
         else:
             lists = prism_select_block_lists(q, k, params or self.kernel_params(q.shape[-1]))
         return BlockSelection.from_lists(lists, q.shape[2], k.shape[2], self.config.block_size)

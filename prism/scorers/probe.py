@@ -179,20 +179,18 @@ def probe_block_probs(
     return out
 
 
-@torch.compiler.assume_constant_result
-def _op_key(scorer: ProbeScorer) -> str:
-    """The fused op's parameter key, computed in plain Python while Dynamo traces (a constant
-    of the graph)."""
-    c = scorer.config
-    return probe_params_key(scorer.kernel_params(), c.probes, c.placement)
-
-
 @register_scorer("probe")
 class ProbeScorer(Scorer):
     """Exact probe queries per block; see the module docstring for the exact definition."""
 
     Config = ProbeConfig
     last_path: str | None = None
+
+    def __init__(self, config: ProbeConfig | None = None, **params) -> None:
+        super().__init__(config, **params)
+        c = self.config
+        # the fused op's key, a plain string (Dynamo reads it as a constant of the graph)
+        self.op_key = probe_params_key(self.kernel_params(), c.probes, c.placement)
 
     def block_probs(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """float32 [B, Hq, NQB, NKB]: the probes' block-mass estimate (rows sum to 1)."""
@@ -232,7 +230,7 @@ class ProbeScorer(Scorer):
         c = self.config
         sq, sk = q.shape[2], k.shape[2]
         if torch.compiler.is_compiling():  # Dynamo cannot trace the launchers: the opaque op
-            lists = torch.ops.prism.probe_select_lists(q, k, _op_key(self))
+            lists = torch.ops.prism.probe_select_lists(q, k, self.op_key)
         else:
             rows, weights = probe_layout(sq, c.block_size, c.probes, c.placement, q.device)
             lists = probe_select_block_lists(q, k, rows, weights, self.kernel_params())

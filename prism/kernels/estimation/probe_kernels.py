@@ -8,6 +8,13 @@ frontier blocks with the causal mask ``key <= probe position``. Per KV block: on
 ``[M, D] x [D, BS]``, the block-local max and ``Σ 2^(s - max)`` in base-2 logits, and one
 float32 written per row: ``max + log2(sum)``.
 
+``_log_mass_kstat_kernel`` — launch 1, K-stationary (the default): one program per (chunk of
+``KB`` KV blocks, b · KV head) loads its K blocks once and walks the query tiles that see them
+(tiles on the causal frontier masked, the rest not), writing the same entries with the same
+per-block arithmetic. Each step re-reads a [M, D] probe tile (L2-resident: the probes of a
+128K pre-fill are 16 MiB) instead of a [BS, D] K block, so the bytes read per FLOP fall by
+``KB · BS / M``.
+
 ``_probe_select_kernel`` — launch 2, one program per tile of ``R = BLOCK_G x BLOCK_Q`` rows
 (query head, query block), each holding its whole row of KV blocks: per probe the base-2 softmax
 of the log-masses over the block-causal row (the exact probe softmax, block-summed), the weighted
@@ -38,17 +45,23 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _block_log_mass(qt, k_base, cols, col_ok, offs_d, d_ok, apos, sks, skd, qk_scale,
-                    CAUSAL: tl.constexpr, IS_F32: tl.constexpr):  # fmt: skip
-    """[M] base-2 log-mass of one KV block for the tile's rows (``-inf`` where a row sees none).
-
-    The max is taken on the raw dot products (``qk_scale > 0``), the scale folded into the
-    exponent: one FMA + one exp2 per score."""
-    kt = tl.load(
+def _load_kt(k_base, cols, col_ok, offs_d, d_ok, sks, skd):
+    """One KV block of K, transposed: [BLOCK_D, BLOCK_N] (zeros outside ``col_ok`` / ``d_ok``)."""
+    return tl.load(
         k_base + cols[None, :].to(tl.int64) * sks + offs_d[:, None] * skd,
         mask=d_ok[:, None] & col_ok[None, :],
         other=0.0,
-    )  # [BLOCK_D, BLOCK_N]
+    )
+
+
+@triton.jit
+def _log_mass_of(qt, kt, cols, col_ok, apos, qk_scale, CAUSAL: tl.constexpr,
+                 IS_F32: tl.constexpr):  # fmt: skip
+    """[M] base-2 log-mass of one KV block (K already loaded as ``kt``) for the tile's rows
+    (``-inf`` where a row sees none of its keys).
+
+    The max is taken on the raw dot products (``qk_scale > 0``), the scale folded into the
+    exponent: one FMA + one exp2 per score."""
     if IS_F32:
         s = tl.dot(qt, kt, input_precision="ieee")
     else:
@@ -61,6 +74,39 @@ def _block_log_mass(qt, k_base, cols, col_ok, offs_d, d_ok, apos, sks, skd, qk_s
         m = tl.max(s, 1)
     ms = m * qk_scale
     return ms + tl.log2(tl.sum(tl.exp2(s * qk_scale - ms[:, None]), 1))
+
+
+@triton.jit
+def _block_log_mass(qt, k_base, cols, col_ok, offs_d, d_ok, apos, sks, skd, qk_scale,
+                    CAUSAL: tl.constexpr, IS_F32: tl.constexpr):  # fmt: skip
+    """:func:`_log_mass_of` of the KV block at ``cols`` (loaded here)."""
+    kt = _load_kt(k_base, cols, col_ok, offs_d, d_ok, sks, skd)
+    return _log_mass_of(qt, kt, cols, col_ok, apos, qk_scale, CAUSAL, IS_F32)
+
+
+@triton.jit
+def _tile_probe_rows(q_ptr, rows_ptr, out_ptr, t, b, kvh, sqb, sqh, sqs, sqd, offs_d, d_ok,
+                     HQ, G, P, NQB, NKB, PREFIX, QB: tl.constexpr,
+                     BLOCK_M: tl.constexpr):  # fmt: skip
+    """Query tile ``t`` of KV head (b, kvh): its ``BLOCK_M`` rows are (query block, GQA head,
+    probe) triples. Returns (row valid [M], the probe queries [M, BLOCK_D], their absolute
+    positions [M], their output rows [M] (pointers to KV block 0))."""
+    r = tl.arange(0, BLOCK_M)
+    gp = G * P
+    il = r // gp
+    g = (r // P) % G
+    p = r % P
+    qi = t * QB + il
+    ok = (il < QB) & (qi < NQB)
+    qi = tl.where(ok, qi, 0)
+    qrow = tl.load(rows_ptr + qi * P + p, mask=ok, other=0)
+    h = kvh * G + g
+    q_rows = q_ptr + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + qrow.to(tl.int64) * sqs
+    qt = tl.load(
+        q_rows[:, None] + offs_d[None, :] * sqd, mask=ok[:, None] & d_ok[None, :], other=0.0
+    )
+    out_rows = out_ptr + (((b * HQ + h).to(tl.int64) * NQB + qi) * P + p) * NKB
+    return ok, qt, PREFIX + qrow, out_rows
 
 
 @triton.jit
@@ -100,25 +146,13 @@ def _log_mass_kernel(
     bkv = tl.program_id(1)
     b = bkv // HKV
     kvh = bkv % HKV
-    r = tl.arange(0, BLOCK_M)
-    gp = G * P
-    il = r // gp
-    g = (r // P) % G
-    p = r % P
-    qi = t * QB + il
-    ok = (il < QB) & (qi < NQB)
-    qi = tl.where(ok, qi, 0)
-    qrow = tl.load(rows_ptr + qi * P + p, mask=ok, other=0)
-    h = kvh * G + g
-    apos = PREFIX + qrow
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
-    q_rows = q_ptr + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + qrow.to(tl.int64) * sqs
-    qt = tl.load(
-        q_rows[:, None] + offs_d[None, :] * sqd, mask=ok[:, None] & d_ok[None, :], other=0.0
-    )
+    ok, qt, apos, out_rows = _tile_probe_rows(
+        q_ptr, rows_ptr, out_ptr, t, b, kvh, sqb, sqh, sqs, sqd, offs_d, d_ok,
+        HQ, G, P, NQB, NKB, PREFIX, QB, BLOCK_M,
+    )  # fmt: skip
     k_base = k_ptr + b.to(tl.int64) * skb + kvh.to(tl.int64) * skh
-    out_rows = out_ptr + (((b * HQ + h).to(tl.int64) * NQB + qi) * P + p) * NKB
 
     i_first = t * QB
     i_last = tl.minimum(i_first + QB, NQB) - 1
@@ -142,6 +176,91 @@ def _log_mass_kernel(
         lm = _block_log_mass(qt, k_base, cols, col_ok, offs_d, d_ok, apos, sks, skd, qk_scale,
                              True, IS_F32)  # fmt: skip
         tl.store(out_rows + j, lm, mask=ok)
+
+
+@triton.jit
+def _log_mass_kstat_kernel(
+    q_ptr,
+    k_ptr,
+    rows_ptr,
+    out_ptr,
+    sqb,
+    sqh,
+    sqs,
+    sqd,
+    skb,
+    skh,
+    sks,
+    skd,
+    HQ,
+    HKV,
+    G,
+    P,
+    D,
+    SQ,
+    SK,
+    NQB,
+    NKB,
+    PREFIX,
+    qk_scale,
+    n_tiles,
+    QB: tl.constexpr,
+    BS: tl.constexpr,
+    KB: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    IS_F32: tl.constexpr,
+):
+    """Launch 1, K-stationary schedule: one program per (chunk of ``KB`` KV blocks, b · KV head)
+    holds its K blocks and walks the query tiles that see them (Q is re-read, K read once)."""
+    c = tl.program_id(0)  # chunk 0 (seen by every query tile: the most work) first
+    bkv = tl.program_id(1)
+    b = bkv // HKV
+    kvh = bkv % HKV
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    offs_n = tl.arange(0, BLOCK_N)
+    k_base = k_ptr + b.to(tl.int64) * skb + kvh.to(tl.int64) * skh
+    j0 = c * KB
+    cols0 = j0 * BS + offs_n
+    ok0 = (offs_n < BS) & (cols0 < SK)
+    kt0 = _load_kt(k_base, cols0, ok0, offs_d, d_ok, sks, skd)
+    j1 = j0 + 1
+    cols1 = j1 * BS + offs_n
+    ok1 = (offs_n < BS) & (cols1 < SK)
+    if KB == 2:
+        kt1 = _load_kt(k_base, cols1, ok1, offs_d, d_ok, sks, skd)
+    # the first query block whose last row sees the chunk's first key, and its tile
+    t_start = (tl.maximum(j0 * BS - PREFIX, 0) // BS) // QB
+    # tiles whose first row sits at or after the chunk's last key see all of it (no mask);
+    # a chunk that reaches past Sk or a padded block (BLOCK_N > BS) is masked everywhere
+    key_hi = (j0 + KB) * BS - 1
+    t_full = tl.maximum(key_hi - PREFIX + QB * BS - 1, 0) // (QB * BS)
+    if BLOCK_N != BS:
+        t_full = n_tiles
+    t_full = tl.where(key_hi >= SK, n_tiles, t_full)
+    t_full = tl.minimum(tl.maximum(t_full, t_start), n_tiles)
+    for t in range(t_start, t_full):
+        ok, qt, apos, out_rows = _tile_probe_rows(
+            q_ptr, rows_ptr, out_ptr, t, b, kvh, sqb, sqh, sqs, sqd, offs_d, d_ok,
+            HQ, G, P, NQB, NKB, PREFIX, QB, BLOCK_M,
+        )  # fmt: skip
+        lm = _log_mass_of(qt, kt0, cols0, ok0, apos, qk_scale, True, IS_F32)
+        tl.store(out_rows + j0, lm, mask=ok)
+        if KB == 2:
+            lm = _log_mass_of(qt, kt1, cols1, ok1, apos, qk_scale, True, IS_F32)
+            tl.store(out_rows + j1, lm, mask=ok & ((apos * 0 + j1) < NKB))
+    for t in range(t_full, n_tiles):
+        ok, qt, apos, out_rows = _tile_probe_rows(
+            q_ptr, rows_ptr, out_ptr, t, b, kvh, sqb, sqh, sqs, sqd, offs_d, d_ok,
+            HQ, G, P, NQB, NKB, PREFIX, QB, BLOCK_M,
+        )  # fmt: skip
+        lm = _log_mass_of(qt, kt0, cols0, ok0, apos, qk_scale, False, IS_F32)
+        tl.store(out_rows + j0, lm, mask=ok)
+        if KB == 2:
+            lm = _log_mass_of(qt, kt1, cols1, ok1, apos, qk_scale, False, IS_F32)
+            tl.store(out_rows + j1, lm, mask=ok)
 
 
 @triton.jit
@@ -249,15 +368,36 @@ def _probe_select_kernel(
         )  # fmt: skip
 
 
+SCHEDULES = ("q", "k")
+
+
 def launch_log_masses(
-    q, k, rows, block_size: int, *, block_m=None, num_warps=None, num_stages=None
+    q,
+    k,
+    rows,
+    block_size: int,
+    *,
+    block_m=None,
+    num_warps=None,
+    num_stages=None,
+    schedule: str = "k",
+    kv_chunk: int = 2,
 ):
     """Launch 1 (shapes already checked by :mod:`.probe_op`): float32 [B, Hq, NQB, P, NKB].
 
-    Default launch: 64 probe rows per program, 4 warps, 3 pipeline stages — the fastest of the
-    sweep in ``benchmarks/results/probe_estimator_h200.md`` (64/128 rows x 4/8 warps x 2/3
-    stages) at both 8K and 128K tokens on the H200.
+    ``schedule="k"`` (default, :func:`_log_mass_kstat_kernel`): a program per chunk of
+    ``kv_chunk`` (1 or 2) KV blocks holds them and walks the query tiles that see them;
+    ``"q"`` (:func:`_log_mass_kernel`): a program per query tile walks the KV blocks. Both write
+    the same entries (every one launch 2 reads) with the same arithmetic. Default launch: 64
+    probe rows per tile, 4 warps, 3 pipeline stages, 2 KV blocks per program — the fastest of
+    the sweep in ``benchmarks/results/probe_estimator_sweep_h200.log`` (2 schedules x 64/128
+    rows x 4/8 warps x 2/3 stages x 1/2 blocks) on the H200: 0.044 / 0.28 / 3.31 ms at 8K / 32K
+    / 128K (Hq = 32, Hkv = 8, D = 128, bf16) vs 0.094 / 0.42 / 3.84 ms for the query schedule.
     """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; valid: {list(SCHEDULES)}")
+    if kv_chunk not in (1, 2):
+        raise ValueError(f"kv_chunk must be 1 or 2, got {kv_chunk}")
     b, hq, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
     g = hq // hkv
@@ -276,7 +416,7 @@ def launch_log_masses(
     if num_stages is None:
         num_stages = 3
     out = torch.empty(b, hq, nqb, p, nkb, device=q.device, dtype=torch.float32)
-    _log_mass_kernel[(n_tiles, b * hkv)](
+    args = (
         q,
         k,
         rows,
@@ -295,6 +435,8 @@ def launch_log_masses(
         sk - sq,
         LOG2E / math.sqrt(d),
         n_tiles,
+    )
+    meta = dict(
         QB=qb,
         BS=bs,
         BLOCK_M=block_m,
@@ -304,11 +446,25 @@ def launch_log_masses(
         num_warps=num_warps,
         num_stages=num_stages,
     )
+    if schedule == "q":
+        _log_mass_kernel[(n_tiles, b * hkv)](*args, **meta)
+    else:
+        grid = (math.ceil(nkb / kv_chunk), b * hkv)
+        _log_mass_kstat_kernel[grid](*args, KB=kv_chunk, **meta)
     return out
 
 
-def launch_select(lm, weights, sq: int, sk: int, hkv: int, params, rows_per_program: int = 16):
-    """Launch 2: the four block lists from launch 1's log-masses and the probe weights."""
+def launch_select(
+    lm, weights, sq: int, sk: int, hkv: int, params, rows_per_program: int = 4, num_warps=None
+):
+    """Launch 2: the four block lists from launch 1's log-masses and the probe weights.
+
+    Default launch: ``rows_per_program`` 4 rows (the GQA group first when G is a power of two,
+    else one head per row group: no idle row slots), one warp per 1024 register slots of the
+    [rows, BLOCK_N] tile (2 to 16) — the fastest of the sweep in
+    ``benchmarks/results/probe_estimator_sweep_h200.log`` at 128K tokens (0.32 ms vs 0.78 ms for
+    16 rows).
+    """
     b, hq, nqb, p, nkb = lm.shape
     g = hq // hkv
     bs = int(params.block_size)
@@ -321,9 +477,11 @@ def launch_select(lm, weights, sq: int, sk: int, hkv: int, params, rows_per_prog
     else:
         target, keep_all = float(params.min_prob), False
     block_n = max(16, _next_pow2(nkb))
-    block_g = min(_next_pow2(g), rows_per_program)
+    block_g = min(_next_pow2(g), rows_per_program) if _next_pow2(g) == g else 1
     block_q = max(1, rows_per_program // block_g)
-    warps = max(2, min(16, _next_pow2(max(1, block_g * block_q * block_n // (32 * 16)))))
+    warps = max(2, min(16, _next_pow2(max(1, block_g * block_q * block_n // 1024))))
+    if num_warps is not None:
+        warps = int(num_warps)
     n_q_tiles = math.ceil(nqb / block_q)
     n_g_tiles = math.ceil(g / block_g)
     dev = lm.device
