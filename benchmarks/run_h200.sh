@@ -10,6 +10,7 @@
 #   bash benchmarks/run_h200.sh checks   # FA4 HF check, every GPU test, probe estimator timing
 #   bash benchmarks/run_h200.sh host     # host vs device time per attention call; CUDA graphs
 #   bash benchmarks/run_h200.sh graphs   # GPU tests; probe estimator; compile_regions + CUDA graphs
+#   bash benchmarks/run_h200.sh session5 # GPU tests, HF check, probe estimator, graphed model 8K-128K
 set -uo pipefail
 phase=${1:-model}
 OUT=${OUT:-/tmp/out}
@@ -63,6 +64,17 @@ elif [ "$phase" = final ]; then
   timeout 200 python3 benchmarks/bench_model.py model=random-llama8b compile=true graph=true \
     check=false lengths=[131072] "policies=[dense,topk:0.2]" reps=1 warmup=1 ppl=false \
     parts=false out=$OUT/llama8b_graph_h200 2>&1 | grep -v Warning | tail -5
+elif [ "$phase" = session5 ]; then
+  NL=cfg:prism/configs/policies/smollm2_probe_near_lossless.yaml
+  timeout 120 python3 -m pytest -q -m gpu tests/test_estimator_ops.py tests/test_probe_fused.py \
+    tests/test_graphs.py tests/test_policy_by_length.py tests/test_flex_fa4_safe.py 2>&1 \
+    | tee $OUT/gpu_tests_session5.log | tail -4
+  timeout 100 python3 benchmarks/check_hf_gpu.py 2>&1 | tee $OUT/check_hf_gpu_fa4.log | tail -4
+  timeout 90 python3 benchmarks/bench_probe_estimator.py lengths=[8192,32768,131072] sweep=false \
+    out=$OUT 2>&1 | grep -v Warning | tail -8
+  timeout ${GRAPH_T:-250} python3 benchmarks/bench_model.py gguf=$GGUF compile=true graph=true \
+    lengths=[8192,32768,131072] "policies=[dense,prism,$NL]" reps=3 warmup=1 parts=false \
+    out=$OUT/model_graph_s5_h200 2>&1 | grep -v Warning
 elif [ "$phase" = confirm ]; then
   timeout 100 python3 benchmarks/bench_estimator_share.py gguf=$GGUF lengths=[32768] \
     out=$OUT/estimator_share_h200 2>&1 | grep -v Warning | grep "^{"
