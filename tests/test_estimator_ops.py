@@ -95,9 +95,16 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("name", list(SCORERS))
-def test_gpu_fullgraph_compile_matches_eager(name):
-    """On CUDA (compiled Triton kernels, bf16, BS = 128): the opaque ops inside a fullgraph,
-    dynamic-shape compile give the eager block lists exactly, and the same attention output."""
+@pytest.mark.parametrize(
+    "dynamic,shapes",
+    [
+        (True, ((1000, 1000), (1537, 1537))),  # dynamic shapes, two ragged lengths
+        (False, ((900, 1537),)),  # a cached prefix (static, as on CPU above)
+    ],
+)
+def test_gpu_fullgraph_compile_matches_eager(name, dynamic, shapes):
+    """On CUDA (compiled Triton kernels, bf16, BS = 128): the opaque ops inside a fullgraph
+    compile give the eager block lists exactly, and the same attention output."""
     scorer = prism.build_scorer({**SCORERS[name], "block_size": 128})
     flex = get_backend("flex")
 
@@ -105,8 +112,8 @@ def test_gpu_fullgraph_compile_matches_eager(name):
         sel = scorer(q, k)
         return flex(q, k, v, sel.block_mask()), sel.lists
 
-    compiled = torch.compile(run, fullgraph=True, dynamic=True)
-    for sq, sk in ((1000, 1000), (1537, 1537), (900, 1537)):
+    compiled = torch.compile(run, fullgraph=True, dynamic=dynamic)
+    for sq, sk in shapes:
         q, k, v = (t.to("cuda", torch.bfloat16) for t in _qkv(sq, sk, seed=sq + sk))
         want_out, want_lists = run(q, k, v)
         got_out, got_lists = compiled(q, k, v)

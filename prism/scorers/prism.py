@@ -216,7 +216,7 @@ class PrismScorer(Scorer):
         impl = self.config.impl
         if impl != "auto":
             return impl, None
-        if q.is_cuda and triton_available():  # under compile: the opaque op
+        if q.is_cuda and not torch.compiler.is_compiling() and triton_available():
             params = self.kernel_params(q.shape[-1])
             if supports(q, k, params):
                 return "triton", params

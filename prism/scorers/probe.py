@@ -216,7 +216,8 @@ class ProbeScorer(Scorer):
         if impl != "auto":
             return impl
         if (
-            q.is_cuda  # under compile too: the opaque op
+            q.is_cuda
+            and not torch.compiler.is_compiling()
             and triton_available()
             and probe_unsupported_reason(q, k, self.config.block_size) is None
         ):

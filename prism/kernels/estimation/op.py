@@ -14,7 +14,6 @@ Triton's interpreter (``TRITON_INTERPRET=1``) must be switched on before Triton'
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import math
 from dataclasses import dataclass
@@ -84,10 +83,14 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
-@functools.cache
+# looked up once at import (without importing Triton): a plain constant, also for Dynamo, which
+# cannot trace importlib inside a compiled graph
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
-    """Whether Triton is installed (without importing it; looked up once: ~40 us)."""
-    return importlib.util.find_spec("triton") is not None
+    """Whether Triton is installed (looked up once, when this module is imported)."""
+    return _TRITON_INSTALLED
 
 
 def interpreter_on() -> bool:
