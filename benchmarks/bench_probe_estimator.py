@@ -99,9 +99,14 @@ def check(opt: Options) -> list[str]:
 
 
 # launch-1 configurations: (schedule, block_m, num_warps, num_stages, kv_chunk)
-LAUNCH1_CONFIGS = [("q", 64, 4, 3, 0), ("q", 128, 8, 2, 0)] + [
-    ("k", bm, nw, ns, kb) for bm, nw, ns, kb in itertools.product((64, 128), (4, 8), (2, 3), (1, 2))
-]
+LAUNCH1_CONFIGS = (
+    [("q", 64, 4, 3, 0), ("q", 128, 8, 2, 0)]
+    + [
+        ("k", bm, nw, ns, kb)
+        for bm, nw, ns, kb in itertools.product((64, 128), (4, 8), (2, 3), (1, 2))
+    ]
+    + [("k", 64, 4, 1, 2), ("k", 64, 4, 4, 2), ("k", 64, 4, 4, 1)]
+)
 
 
 def sweep(opt: Options) -> list[dict]:
