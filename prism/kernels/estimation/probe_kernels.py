@@ -55,20 +55,17 @@ def _load_kt(k_base, cols, col_ok, offs_d, d_ok, sks, skd):
 
 
 @triton.jit
-def _scores(qt, kt, IS_F32: tl.constexpr):
-    """[M, BLOCK_N] raw dot products of the tile's probe rows with one KV block."""
-    if IS_F32:
-        return tl.dot(qt, kt, input_precision="ieee")
-    return tl.dot(qt, kt)
-
-
-@triton.jit
-def _log_mass_from(s, cols, col_ok, apos, qk_scale, CAUSAL: tl.constexpr):
-    """[M] base-2 log-mass of one KV block from its raw scores ``s`` (``-inf`` where a row sees
-    none of its keys).
+def _log_mass_of(qt, kt, cols, col_ok, apos, qk_scale, CAUSAL: tl.constexpr,
+                 IS_F32: tl.constexpr):  # fmt: skip
+    """[M] base-2 log-mass of one KV block (K already loaded as ``kt``) for the tile's rows
+    (``-inf`` where a row sees none of its keys).
 
     The max is taken on the raw dot products (``qk_scale > 0``), the scale folded into the
     exponent: one FMA + one exp2 per score."""
+    if IS_F32:
+        s = tl.dot(qt, kt, input_precision="ieee")
+    else:
+        s = tl.dot(qt, kt)
     if CAUSAL:
         s = tl.where(col_ok[None, :] & (cols[None, :] <= apos[:, None]), s, float("-inf"))
         m = tl.max(s, 1)
@@ -77,13 +74,6 @@ def _log_mass_from(s, cols, col_ok, apos, qk_scale, CAUSAL: tl.constexpr):
         m = tl.max(s, 1)
     ms = m * qk_scale
     return ms + tl.log2(tl.sum(tl.exp2(s * qk_scale - ms[:, None]), 1))
-
-
-@triton.jit
-def _log_mass_of(qt, kt, cols, col_ok, apos, qk_scale, CAUSAL: tl.constexpr,
-                 IS_F32: tl.constexpr):  # fmt: skip
-    """[M] base-2 log-mass of one KV block (K already loaded as ``kt``) for the tile's rows."""
-    return _log_mass_from(_scores(qt, kt, IS_F32), cols, col_ok, apos, qk_scale, CAUSAL)
 
 
 @triton.jit
@@ -189,51 +179,15 @@ def _log_mass_kernel(
 
 
 @triton.jit
-def _kstat_tile(qp_base, rows_ptr, out_ptr, t, b, kvh, sqps, sqpd, offs_d, d_ok, kt0, kt1,
-                cols0, ok0, cols1, ok1, j0, j1, HQ, G, P, NQB, NKB, PREFIX, qk_scale,
-                QB: tl.constexpr, KB: tl.constexpr, BLOCK_M: tl.constexpr,
-                CAUSAL: tl.constexpr, IS_F32: tl.constexpr):  # fmt: skip
-    """One query tile against the program's KV blocks: the packed probe rows of tile ``t`` are
-    ``qp[t·QB·G·P + r]`` (a plain strided load the pipeliner prefetches); both dots are issued
-    before either block's softmax."""
-    r = tl.arange(0, BLOCK_M)
-    gp = G * P
-    il = r // gp
-    qi = t * QB + il
-    ok = (il < QB) & (qi < NQB)
-    qi = tl.where(ok, qi, 0)
-    g = (r // P) % G
-    p = r % P
-    prow = (t * QB * gp + r).to(tl.int64)
-    qt = tl.load(
-        qp_base + prow[:, None] * sqps + offs_d[None, :] * sqpd,
-        mask=ok[:, None] & d_ok[None, :],
-        other=0.0,
-    )
-    if CAUSAL:
-        apos = PREFIX + tl.load(rows_ptr + qi * P + p, mask=ok, other=0)
-    else:
-        apos = r  # unused: no mask
-    out_rows = out_ptr + (((b * HQ + kvh * G + g).to(tl.int64) * NQB + qi) * P + p) * NKB
-    s0 = _scores(qt, kt0, IS_F32)
-    if KB == 2:
-        s1 = _scores(qt, kt1, IS_F32)
-    tl.store(out_rows + j0, _log_mass_from(s0, cols0, ok0, apos, qk_scale, CAUSAL), mask=ok)
-    if KB == 2:
-        lm1 = _log_mass_from(s1, cols1, ok1, apos, qk_scale, CAUSAL)
-        tl.store(out_rows + j1, lm1, mask=ok & ((r * 0 + j1) < NKB))
-
-
-@triton.jit
 def _log_mass_kstat_kernel(
-    qp_ptr,
+    q_ptr,
     k_ptr,
     rows_ptr,
     out_ptr,
-    sqpb,
-    sqph,
-    sqps,
-    sqpd,
+    sqb,
+    sqh,
+    sqs,
+    sqd,
     skb,
     skh,
     sks,
@@ -259,10 +213,7 @@ def _log_mass_kstat_kernel(
     IS_F32: tl.constexpr,
 ):
     """Launch 1, K-stationary schedule: one program per (chunk of ``KB`` KV blocks, b · KV head)
-    holds its K blocks and walks the query tiles that see them (Q is re-read, K read once).
-
-    ``qp`` [B, Hkv, NQB·G·P, D]: the probe queries packed in tile-row order (query block, GQA
-    head, probe), so that a tile is one contiguous [M, D] load."""
+    holds its K blocks and walks the query tiles that see them (Q is re-read, K read once)."""
     c = tl.program_id(0)  # chunk 0 (seen by every query tile: the most work) first
     bkv = tl.program_id(1)
     b = bkv // HKV
@@ -271,7 +222,6 @@ def _log_mass_kstat_kernel(
     d_ok = offs_d < D
     offs_n = tl.arange(0, BLOCK_N)
     k_base = k_ptr + b.to(tl.int64) * skb + kvh.to(tl.int64) * skh
-    qp_base = qp_ptr + b.to(tl.int64) * sqpb + kvh.to(tl.int64) * sqph
     j0 = c * KB
     cols0 = j0 * BS + offs_n
     ok0 = (offs_n < BS) & (cols0 < SK)
@@ -281,8 +231,6 @@ def _log_mass_kstat_kernel(
     ok1 = (offs_n < BS) & (cols1 < SK)
     if KB == 2:
         kt1 = _load_kt(k_base, cols1, ok1, offs_d, d_ok, sks, skd)
-    else:
-        kt1 = kt0  # unused
     # the first query block whose last row sees the chunk's first key, and its tile
     t_start = (tl.maximum(j0 * BS - PREFIX, 0) // BS) // QB
     # tiles whose first row sits at or after the chunk's last key see all of it (no mask);
@@ -294,17 +242,25 @@ def _log_mass_kstat_kernel(
     t_full = tl.where(key_hi >= SK, n_tiles, t_full)
     t_full = tl.minimum(tl.maximum(t_full, t_start), n_tiles)
     for t in range(t_start, t_full):
-        _kstat_tile(
-            qp_base, rows_ptr, out_ptr, t, b, kvh, sqps, sqpd, offs_d, d_ok, kt0, kt1,
-            cols0, ok0, cols1, ok1, j0, j1, HQ, G, P, NQB, NKB, PREFIX, qk_scale,
-            QB, KB, BLOCK_M, True, IS_F32,
+        ok, qt, apos, out_rows = _tile_probe_rows(
+            q_ptr, rows_ptr, out_ptr, t, b, kvh, sqb, sqh, sqs, sqd, offs_d, d_ok,
+            HQ, G, P, NQB, NKB, PREFIX, QB, BLOCK_M,
         )  # fmt: skip
+        lm = _log_mass_of(qt, kt0, cols0, ok0, apos, qk_scale, True, IS_F32)
+        tl.store(out_rows + j0, lm, mask=ok)
+        if KB == 2:
+            lm = _log_mass_of(qt, kt1, cols1, ok1, apos, qk_scale, True, IS_F32)
+            tl.store(out_rows + j1, lm, mask=ok & ((apos * 0 + j1) < NKB))
     for t in range(t_full, n_tiles):
-        _kstat_tile(
-            qp_base, rows_ptr, out_ptr, t, b, kvh, sqps, sqpd, offs_d, d_ok, kt0, kt1,
-            cols0, ok0, cols1, ok1, j0, j1, HQ, G, P, NQB, NKB, PREFIX, qk_scale,
-            QB, KB, BLOCK_M, False, IS_F32,
+        ok, qt, apos, out_rows = _tile_probe_rows(
+            q_ptr, rows_ptr, out_ptr, t, b, kvh, sqb, sqh, sqs, sqd, offs_d, d_ok,
+            HQ, G, P, NQB, NKB, PREFIX, QB, BLOCK_M,
         )  # fmt: skip
+        lm = _log_mass_of(qt, kt0, cols0, ok0, apos, qk_scale, False, IS_F32)
+        tl.store(out_rows + j0, lm, mask=ok)
+        if KB == 2:
+            lm = _log_mass_of(qt, kt1, cols1, ok1, apos, qk_scale, False, IS_F32)
+            tl.store(out_rows + j1, lm, mask=ok)
 
 
 @triton.jit
@@ -493,21 +449,9 @@ def launch_log_masses(
     if schedule == "q":
         _log_mass_kernel[(n_tiles, b * hkv)](*args, **meta)
     else:
-        qp = pack_probe_queries(q, rows, hkv)
         grid = (math.ceil(nkb / kv_chunk), b * hkv)
-        _log_mass_kstat_kernel[grid](qp, *args[1:4], *qp.stride(), *args[8:], KB=kv_chunk, **meta)
+        _log_mass_kstat_kernel[grid](*args, KB=kv_chunk, **meta)
     return out
-
-
-def pack_probe_queries(q, rows, hkv: int):
-    """The probe queries in launch 1's tile-row order: [B, Hkv, NQB·G·P, D], entry
-    (b, kvh, (i·G + g)·P + p) = q[b, kvh·G + g, rows[i, p]] (one gather: P / BS of q)."""
-    b, hq, _, d = q.shape
-    nqb, p = rows.shape
-    g = hq // hkv
-    qs = q.index_select(2, rows.reshape(-1).to(torch.long))  # [B, Hq, NQB·P, D]
-    qs = qs.view(b, hkv, g, nqb, p, d).permute(0, 1, 3, 2, 4, 5)
-    return qs.reshape(b, hkv, nqb * g * p, d)
 
 
 def launch_select(
