@@ -29,10 +29,27 @@ import json
 import torch
 from torch import Tensor
 
-from ..kernels.estimation.op import PrismKernelParams, prism_select_block_lists
+from ..kernels.estimation.op import (
+    PrismKernelParams,
+    prism_select_block_lists,
+    triton_available,
+)
 from ..kernels.estimation.probe_op import ProbeKernelParams, probe_select_block_lists
 
-__all__ = ["config_key", "prism_select_lists_op", "probe_params_key", "probe_select_lists_op"]
+__all__ = [
+    "auto_takes_fused",
+    "config_key",
+    "prism_select_lists_op",
+    "probe_params_key",
+    "probe_select_lists_op",
+]
+
+
+def auto_takes_fused(q: Tensor) -> bool:
+    """Whether a scorer's ``impl="auto"`` takes its fused Triton estimator for ``q`` (where the
+    inputs are supported): CUDA tensors with Triton installed — eagerly the launchers, inside
+    ``torch.compile`` the opaque ops of this module."""
+    return q.is_cuda and triton_available()
 
 
 def config_key(config) -> str:

@@ -20,10 +20,9 @@ from ..kernels.estimation.op import (
     PrismKernelParams,
     prism_select_block_lists,
     supports,
-    triton_available,
 )
 from ..masks import BlockSelection, apply_rule, block_causal, masked_softmax
-from ._fused_ops import config_key
+from ._fused_ops import auto_takes_fused, config_key
 from .base import ProbScorerConfig, Scorer, register_scorer
 from .pooling import gqa_scores, pool_blocks
 
@@ -216,7 +215,7 @@ class PrismScorer(Scorer):
         impl = self.config.impl
         if impl != "auto":
             return impl, None
-        if q.is_cuda and not torch.compiler.is_compiling() and triton_available():
+        if auto_takes_fused(q):
             params = self.kernel_params(q.shape[-1])
             if supports(q, k, params):
                 return "triton", params

@@ -33,14 +33,13 @@ from dataclasses import dataclass
 
 import torch
 
-from ..kernels.estimation.op import triton_available
 from ..kernels.estimation.probe_op import (
     ProbeKernelParams,
     probe_select_block_lists,
     probe_unsupported_reason,
 )
 from ..masks import BlockSelection, apply_rule, block_causal
-from ._fused_ops import probe_params_key
+from ._fused_ops import auto_takes_fused, probe_params_key
 from ._validate import check_int
 from .base import ProbScorerConfig, Scorer, register_scorer
 
@@ -215,12 +214,7 @@ class ProbeScorer(Scorer):
         impl = self.config.impl
         if impl != "auto":
             return impl
-        if (
-            q.is_cuda
-            and not torch.compiler.is_compiling()
-            and triton_available()
-            and probe_unsupported_reason(q, k, self.config.block_size) is None
-        ):
+        if auto_takes_fused(q) and probe_unsupported_reason(q, k, self.config.block_size) is None:
             return "triton"
         return "torch"
 
