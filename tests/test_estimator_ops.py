@@ -122,3 +122,42 @@ def test_gpu_fullgraph_compile_matches_eager(name, dynamic, shapes):
         assert torch.isfinite(got_out).all()
         torch.testing.assert_close(got_out, want_out, atol=2e-2, rtol=2e-2)
         assert prism.BlockSelection.from_lists(want_lists, sq, sk, 128).density < 1.0
+
+
+@needs_interpreter
+@pytest.mark.parametrize("scorer", ["prism", "probe"])
+def test_auto_route_under_fullgraph_compile_of_a_patched_model(scorer, monkeypatch):
+    """``impl="auto"`` inside ``torch.compile(model, fullgraph=True)``: the route that CUDA takes
+    (the opaque op; :func:`prism.scorers._fused_ops.auto_takes_fused`, forced here for CPU
+    tensors under the interpreter) traces into one graph, does not recompile for a new input of
+    the same shape, and gives the eager logits."""
+    pytest.importorskip("transformers")
+    from _tiny_models import ids_of, tiny_model
+
+    import prism.scorers.prism as prism_mod
+    import prism.scorers.probe as probe_mod
+
+    for mod in (prism_mod, probe_mod):
+        monkeypatch.setattr(mod, "auto_takes_fused", lambda q: True)
+
+    def run(model, ids):
+        with torch.no_grad():
+            return model(input_ids=ids, use_cache=False).logits
+
+    model = tiny_model("llama")
+    a, b = ids_of(384, seed=1), ids_of(384, seed=2)
+    prism.patch_model(model, backend="flex", scorer=scorer, threshold=0.3, block_size=32)
+    eager_a, eager_b = run(model, a), run(model, b)
+    sc = prism.build_scorer(scorer, threshold=0.3, block_size=32)
+    q = torch.randn(1, 4, 384, 16)
+    assert sc.resolve_impl(q, q[:, :2]) == "triton"  # the forced route is the fused one
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(lambda ids: run(model, ids))(a)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0
+    op_name = f"{scorer}_select_lists"
+    assert op_name in str(explained.graphs[0].graph)  # the fused estimator's op is in the graph
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True)
+    torch.testing.assert_close(run(compiled, a), eager_a, atol=1e-5, rtol=1e-4)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        torch.testing.assert_close(run(compiled, b), eager_b, atol=1e-5, rtol=1e-4)

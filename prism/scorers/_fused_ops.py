@@ -47,14 +47,10 @@ __all__ = [
 
 def auto_takes_fused(q: Tensor) -> bool:
     """Whether a scorer's ``impl="auto"`` takes its fused Triton estimator for ``q`` (where the
-    inputs are supported): CUDA tensors with Triton installed, outside ``torch.compile``.
-
-    Inside a compiled graph ``auto`` keeps the PyTorch path (``impl="triton"`` takes the opaque
-    ops of this module there, tested on the GPU). Taking the ops under compile too passed a
-    fullgraph compile of a patched tiny Llama on the CPU (route forced, Triton's interpreter) but
-    is not yet checked on the GPU (``benchmarks/check_hf_gpu.py``), where torch 2.11's Dynamo
-    has been stricter than the CPU's torch 2.13."""
-    return q.is_cuda and not torch.compiler.is_compiling() and triton_available()
+    inputs are supported): CUDA tensors with Triton installed — eagerly the launchers, inside
+    ``torch.compile`` the opaque ops of this module (checked on the H200 with a fullgraph
+    compile of patched Llama and Qwen3 models, ``benchmarks/check_hf_gpu.py``)."""
+    return q.is_cuda and triton_available()
 
 
 def config_key(config) -> str:

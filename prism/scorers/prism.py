@@ -46,8 +46,8 @@ class PrismConfig(ProbScorerConfig):
     rope_layout: "half" (HF rotate_half: pair j = dims j, j + D/2) or "interleaved" (2j, 2j + 1).
     impl: which implementation computes the selection (the same selection either way):
         ``"auto"`` — the fused Triton estimator (prism/kernels/estimation, writes the BlockMask
-        lists directly) on CUDA tensors outside torch.compile where Triton is installed and the
-        inputs are supported, the plain PyTorch path otherwise; ``"triton"`` — always the fused
+        lists directly; inside torch.compile an opaque custom op) on CUDA tensors where Triton is
+        installed and the inputs are supported, the plain PyTorch path otherwise; ``"triton"`` — always the fused
         kernel (also on CPU tensors under Triton's interpreter, ``TRITON_INTERPRET=1``), a clear
         error where it cannot run; ``"torch"`` — always the PyTorch path.
     fused: deprecated alias of ``impl``: ``fused=False`` means ``impl="torch"``, ``fused=True``
