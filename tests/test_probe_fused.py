@@ -258,3 +258,12 @@ def test_gpu_kv_stationary_schedule_matches_query_schedule(sq, sk):
     q, k = _qk(1, 32, 8, sq, sk, 128, torch.bfloat16, "cuda")
     rows, _ = probe_layout(sq, 128, 2, "ends", q.device)
     _check_schedules_agree(q, k, rows, 128, atol=1e-3)
+
+
+def test_select_rows_per_program_must_be_a_power_of_two():
+    from prism.kernels.estimation.probe_kernels import launch_select
+
+    lm = torch.zeros(1, 3, 2, 2, 2)
+    w = torch.full((2, 2), 0.5)
+    with pytest.raises(ValueError, match="power of two"):
+        launch_select(lm, w, 64, 64, 1, ProbeKernelParams(block_size=32), rows_per_program=6)

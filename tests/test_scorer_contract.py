@@ -162,3 +162,18 @@ def test_single_query_block_and_single_head(name):
     assert sel.mask.shape == (B, 1, 1, visible.shape[1])
     assert not (sel.mask & ~visible).any()
     assert sel.mask[..., 0].all() and (sel.mask | ~partial).all()
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.parametrize("name", SCORER_NAMES)
+def test_config_is_read_only_once_built(name):
+    """A built scorer's config cannot be changed under it (its kernel parameters and the key of
+    its compiled op were read from it); ``dataclasses.replace`` gives a new, editable one."""
+    scorer = build(name, 16)
+    with pytest.raises(AttributeError, match="read-only"):
+        scorer.config.threshold = 0.5
+    assert scorer.config.threshold != 0.5
+    other = dataclasses.replace(scorer.config, threshold=0.5)
+    other.block_size = 32  # not yet built into a scorer: editable
+    rebuilt = type(scorer)(other)
+    assert rebuilt.config.threshold == 0.5 and rebuilt.config.block_size == 32

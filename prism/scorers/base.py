@@ -39,6 +39,16 @@ class ScorerConfig:
         check_block_size(self.block_size)
         check_threshold("threshold", self.threshold)
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        # a scorer reads its config when it is built (its kernel parameters, the key of its
+        # compiled op): changing it afterwards would leave the two silently different
+        if self.__dict__.get("_frozen", False):
+            raise AttributeError(
+                f"{type(self).__name__} belongs to a built scorer and is read-only; build a new "
+                f"scorer, e.g. with dataclasses.replace(config, {name}=...)"
+            )
+        object.__setattr__(self, name, value)
+
 
 @dataclass
 class ProbScorerConfig(ScorerConfig):
@@ -85,6 +95,7 @@ class Scorer:
             config = make_config(self.Config, params, self.name or type(self).__name__)
         elif not isinstance(config, self.Config):
             raise TypeError(f"{self.name} expects a {self.Config.__name__}, got {type(config)}")
+        object.__setattr__(config, "_frozen", True)  # see ScorerConfig.__setattr__
         self.config = config
 
     @property

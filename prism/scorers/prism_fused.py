@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from ..masks.selection import BlockLists, BlockSelection
-from .base import register_scorer
+from .base import make_config, register_scorer
 from .prism import PrismConfig, PrismScorer
 
 __all__ = ["ListBlockSelection", "PrismFusedScorer", "fused_selection"]
@@ -58,9 +58,13 @@ class PrismFusedScorer(PrismScorer):
         )
         if config is None and "fused" not in params:
             params.setdefault("impl", "triton")
-        super().__init__(config, **params)
-        if self.config.impl == "auto":
-            self.config = dataclasses.replace(self.config, impl="triton")
+        if config is None:
+            config = make_config(PrismConfig, params, "prism_fused")
+        elif params:
+            raise ValueError("pass either a config object or keyword parameters, not both")
+        if isinstance(config, PrismConfig) and config.impl == "auto":
+            config = dataclasses.replace(config, impl="triton")
+        super().__init__(config)
 
 
 def fused_selection(scorer: PrismScorer, q: torch.Tensor, k: torch.Tensor) -> BlockSelection | None:

@@ -476,6 +476,8 @@ def launch_select(
         target, keep_all = float(int(params.top_k)), False
     else:
         target, keep_all = float(params.min_prob), False
+    if rows_per_program < 1 or _next_pow2(rows_per_program) != rows_per_program:
+        raise ValueError(f"rows_per_program must be a power of two, got {rows_per_program}")
     block_n = max(16, _next_pow2(nkb))
     block_g = min(_next_pow2(g), rows_per_program) if _next_pow2(g) == g else 1
     block_q = max(1, rows_per_program // block_g)
