@@ -3,11 +3,13 @@
 The exact probe-query scorer (``prism.scorers.probe``, issue 11) as two Triton launches
 (:mod:`.probe_kernels`):
 
-1. **block log-masses** — one program per (tile of query blocks, b, KV head): its ``M`` probe
-   rows (the G query heads of the KV head x P probes x the tile's query blocks; K is read once
-   for the whole GQA group) run flash-style over the causal KV blocks: per 128-key block one
-   ``tl.dot``, the block-local max ``m`` and sum ``l = Σ 2^(s - m)`` (base-2 logits), written as
-   one number ``m + log2 l`` per (probe row, KV block). Nothing of size ``[Sq, Sk]`` exists.
+1. **block log-masses** — tiles of ``M`` probe rows (the G query heads of a KV head x P probes
+   x 8 query blocks; K is read once for the whole GQA group) against the causal KV blocks: per
+   128-key block one ``tl.dot``, the block-local max ``m`` and sum ``l = Σ 2^(s - m)`` (base-2
+   logits), written as one number ``m + log2 l`` per (probe row, KV block). By default one
+   program per (pair of KV blocks, b, KV head) holds those K blocks and walks the query tiles
+   that see them (K-stationary, ``schedule="k"``); ``schedule="q"`` runs one program per query
+   tile over its KV blocks (same entries, same arithmetic). Nothing of size ``[Sq, Sk]`` exists.
 2. **select** — one program per tile of (query head, query block) rows holding the whole row of
    KV blocks in registers: per probe the block-causal softmax of its log-masses (this is the exact
    normalisation: ``Σ_j 2^(lm_j - max)`` is the probe's full softmax denominator), the weighted
