@@ -46,6 +46,29 @@ def test_opcheck_both_ops():
     torch.library.opcheck(torch.ops.prism.probe_select_lists.default, (q, k, key))
 
 
+def _check_fullgraph_matches_eager(params, dynamic, shapes, to=lambda t: t, tol=1e-5):
+    """scorer -> BlockMask -> flex, compiled with ``fullgraph`` vs eager: the same block lists
+    exactly, the same finite output (within ``tol``), and a real selection (density < 1)."""
+    scorer = prism.build_scorer(params)
+    flex = get_backend("flex")
+
+    def run(q, k, v):
+        sel = scorer(q, k)
+        return flex(q, k, v, sel.block_mask()), sel.lists
+
+    compiled = torch.compile(run, fullgraph=True, dynamic=dynamic)
+    for sq, sk in shapes:
+        q, k, v = (to(t) for t in _qkv(sq, sk, seed=sq + sk))
+        want_out, want_lists = run(q, k, v)
+        got_out, got_lists = compiled(q, k, v)
+        for a, b in zip(got_lists, want_lists):
+            assert torch.equal(a, b)
+        assert torch.isfinite(got_out).all()
+        torch.testing.assert_close(got_out, want_out, atol=tol, rtol=tol)
+        density = prism.BlockSelection.from_lists(want_lists, sq, sk, params["block_size"]).density
+        assert density < 1.0
+
+
 @needs_interpreter
 @pytest.mark.parametrize("name", list(SCORERS))
 @pytest.mark.parametrize(
@@ -56,23 +79,7 @@ def test_opcheck_both_ops():
     ],
 )
 def test_fullgraph_compile_matches_eager(name, dynamic, shapes):
-    scorer = prism.build_scorer(SCORERS[name])
-    flex = get_backend("flex")
-
-    def run(q, k, v):
-        sel = scorer(q, k)
-        return flex(q, k, v, sel.block_mask()), sel.lists
-
-    compiled = torch.compile(run, fullgraph=True, dynamic=dynamic)
-    for sq, sk in shapes:
-        q, k, v = _qkv(sq, sk, seed=sq + sk)
-        want_out, want_lists = run(q, k, v)
-        got_out, got_lists = compiled(q, k, v)
-        for a, b in zip(got_lists, want_lists):
-            assert torch.equal(a, b)
-        assert torch.isfinite(got_out).all()
-        torch.testing.assert_close(got_out, want_out, atol=1e-5, rtol=1e-5)
-        assert prism.BlockSelection.from_lists(want_lists, sq, sk, 64).density < 1.0
+    _check_fullgraph_matches_eager(SCORERS[name], dynamic, shapes)
 
 
 def test_key_round_trip_and_errors():
@@ -105,23 +112,10 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 def test_gpu_fullgraph_compile_matches_eager(name, dynamic, shapes):
     """On CUDA (compiled Triton kernels, bf16, BS = 128): the opaque ops inside a fullgraph
     compile give the eager block lists exactly, and the same attention output."""
-    scorer = prism.build_scorer({**SCORERS[name], "block_size": 128})
-    flex = get_backend("flex")
-
-    def run(q, k, v):
-        sel = scorer(q, k)
-        return flex(q, k, v, sel.block_mask()), sel.lists
-
-    compiled = torch.compile(run, fullgraph=True, dynamic=dynamic)
-    for sq, sk in shapes:
-        q, k, v = (t.to("cuda", torch.bfloat16) for t in _qkv(sq, sk, seed=sq + sk))
-        want_out, want_lists = run(q, k, v)
-        got_out, got_lists = compiled(q, k, v)
-        for a, b in zip(got_lists, want_lists):
-            assert torch.equal(a, b)
-        assert torch.isfinite(got_out).all()
-        torch.testing.assert_close(got_out, want_out, atol=2e-2, rtol=2e-2)
-        assert prism.BlockSelection.from_lists(want_lists, sq, sk, 128).density < 1.0
+    _check_fullgraph_matches_eager(
+        {**SCORERS[name], "block_size": 128}, dynamic, shapes,
+        to=lambda t: t.to("cuda", torch.bfloat16), tol=2e-2,
+    )  # fmt: skip
 
 
 @needs_interpreter

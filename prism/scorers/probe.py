@@ -188,18 +188,7 @@ class ProbeScorer(Scorer):
     def __init__(self, config: ProbeConfig | None = None, **params) -> None:
         super().__init__(config, **params)
         c = self.config
-        # the fused op's key, a plain string (Dynamo reads it as a constant of the graph)
-        self.op_key = probe_params_key(self.kernel_params(), c.probes, c.placement)
-
-    def block_probs(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        """float32 [B, Hq, NQB, NKB]: the probes' block-mass estimate (rows sum to 1)."""
-        c = self.config
-        return probe_block_probs(q, k, c.block_size, c.probes, c.placement, c.chunk_mb)
-
-    def kernel_params(self) -> ProbeKernelParams:
-        """The resolved knobs of the fused estimator."""
-        c = self.config
-        return ProbeKernelParams(
+        self._kernel_params = ProbeKernelParams(
             block_size=c.block_size,
             threshold=float(c.threshold),
             rule=c.rule,
@@ -208,6 +197,17 @@ class ProbeScorer(Scorer):
             force_sink=bool(c.force_sink),
             force_diagonal=bool(c.force_diagonal),
         )
+        # the fused op's key, a plain string (Dynamo reads it as a constant of the graph)
+        self.op_key = probe_params_key(self._kernel_params, c.probes, c.placement)
+
+    def block_probs(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """float32 [B, Hq, NQB, NKB]: the probes' block-mass estimate (rows sum to 1)."""
+        c = self.config
+        return probe_block_probs(q, k, c.block_size, c.probes, c.placement, c.chunk_mb)
+
+    def kernel_params(self) -> ProbeKernelParams:
+        """The resolved knobs of the fused estimator (made once: the config is read-only)."""
+        return self._kernel_params
 
     def resolve_impl(self, q: torch.Tensor, k: torch.Tensor) -> str:
         """``"triton"`` or ``"torch"``: the path :meth:`select` takes for these inputs."""

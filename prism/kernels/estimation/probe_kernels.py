@@ -179,6 +179,28 @@ def _log_mass_kernel(
 
 
 @triton.jit
+def _kstat_tile(q_ptr, rows_ptr, out_ptr, t, b, kvh, sqb, sqh, sqs, sqd, offs_d, d_ok, kt0, kt1,
+                cols0, ok0, cols1, ok1, j0, j1, HQ, G, P, NQB, NKB, PREFIX, qk_scale,
+                QB: tl.constexpr, KB: tl.constexpr, BLOCK_M: tl.constexpr,
+                CAUSAL: tl.constexpr, IS_F32: tl.constexpr):  # fmt: skip
+    """Query tile ``t`` against the program's ``KB`` KV blocks (j0, j1): their log-masses stored.
+    Only a masked tile can meet a second block past the last one (the chunk reaching past Sk
+    is masked everywhere), so only there does that store need the ``j1 < NKB`` test."""
+    ok, qt, apos, out_rows = _tile_probe_rows(
+        q_ptr, rows_ptr, out_ptr, t, b, kvh, sqb, sqh, sqs, sqd, offs_d, d_ok,
+        HQ, G, P, NQB, NKB, PREFIX, QB, BLOCK_M,
+    )  # fmt: skip
+    tl.store(out_rows + j0, _log_mass_of(qt, kt0, cols0, ok0, apos, qk_scale, CAUSAL, IS_F32),
+             mask=ok)  # fmt: skip
+    if KB == 2:
+        lm = _log_mass_of(qt, kt1, cols1, ok1, apos, qk_scale, CAUSAL, IS_F32)
+        if CAUSAL:  # (a tensor mask: the interpreter takes no scalar & tensor)
+            tl.store(out_rows + j1, lm, mask=ok & ((apos * 0 + j1) < NKB))
+        else:
+            tl.store(out_rows + j1, lm, mask=ok)
+
+
+@triton.jit
 def _log_mass_kstat_kernel(
     q_ptr,
     k_ptr,
@@ -231,6 +253,8 @@ def _log_mass_kstat_kernel(
     ok1 = (offs_n < BS) & (cols1 < SK)
     if KB == 2:
         kt1 = _load_kt(k_base, cols1, ok1, offs_d, d_ok, sks, skd)
+    else:
+        kt1 = kt0  # unused (KB == 1)
     # the first query block whose last row sees the chunk's first key, and its tile
     t_start = (tl.maximum(j0 * BS - PREFIX, 0) // BS) // QB
     # tiles whose first row sits at or after the chunk's last key see all of it (no mask);
@@ -242,25 +266,17 @@ def _log_mass_kstat_kernel(
     t_full = tl.where(key_hi >= SK, n_tiles, t_full)
     t_full = tl.minimum(tl.maximum(t_full, t_start), n_tiles)
     for t in range(t_start, t_full):
-        ok, qt, apos, out_rows = _tile_probe_rows(
-            q_ptr, rows_ptr, out_ptr, t, b, kvh, sqb, sqh, sqs, sqd, offs_d, d_ok,
-            HQ, G, P, NQB, NKB, PREFIX, QB, BLOCK_M,
+        _kstat_tile(
+            q_ptr, rows_ptr, out_ptr, t, b, kvh, sqb, sqh, sqs, sqd, offs_d, d_ok, kt0, kt1,
+            cols0, ok0, cols1, ok1, j0, j1, HQ, G, P, NQB, NKB, PREFIX, qk_scale,
+            QB, KB, BLOCK_M, True, IS_F32,
         )  # fmt: skip
-        lm = _log_mass_of(qt, kt0, cols0, ok0, apos, qk_scale, True, IS_F32)
-        tl.store(out_rows + j0, lm, mask=ok)
-        if KB == 2:
-            lm = _log_mass_of(qt, kt1, cols1, ok1, apos, qk_scale, True, IS_F32)
-            tl.store(out_rows + j1, lm, mask=ok & ((apos * 0 + j1) < NKB))
     for t in range(t_full, n_tiles):
-        ok, qt, apos, out_rows = _tile_probe_rows(
-            q_ptr, rows_ptr, out_ptr, t, b, kvh, sqb, sqh, sqs, sqd, offs_d, d_ok,
-            HQ, G, P, NQB, NKB, PREFIX, QB, BLOCK_M,
+        _kstat_tile(
+            q_ptr, rows_ptr, out_ptr, t, b, kvh, sqb, sqh, sqs, sqd, offs_d, d_ok, kt0, kt1,
+            cols0, ok0, cols1, ok1, j0, j1, HQ, G, P, NQB, NKB, PREFIX, qk_scale,
+            QB, KB, BLOCK_M, False, IS_F32,
         )  # fmt: skip
-        lm = _log_mass_of(qt, kt0, cols0, ok0, apos, qk_scale, False, IS_F32)
-        tl.store(out_rows + j0, lm, mask=ok)
-        if KB == 2:
-            lm = _log_mass_of(qt, kt1, cols1, ok1, apos, qk_scale, False, IS_F32)
-            tl.store(out_rows + j1, lm, mask=ok)
 
 
 @triton.jit
