@@ -8,7 +8,8 @@ difference to the production time attributes the select time to that stage:
 * ``2`` — :func:`counts_only_tile`: no list writing (the two list lengths only);
 * ``3`` — :func:`logits_only_tile`: logits only (no softmax, no search: keep ``logit > 0``).
 
-Their selections are meaningless; only their times are of interest.
+Their selections are meaningless; only their times are of interest. They always score both
+bands (``ONE_BAND`` is ignored): they time Prism's select kernel.
 """
 
 from __future__ import annotations
@@ -92,6 +93,7 @@ def no_search_tile(
     FORCE_SINK: tl.constexpr, FORCE_DIAG: tl.constexpr, BS: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, KC: tl.constexpr,
     DOT_PREC: tl.constexpr, TUPLE_REDUCE: tl.constexpr, EVEN_K: tl.constexpr,
+    ONE_BAND: tl.constexpr,  # ignored: the variants always score both bands
 ):
     _variant_tile(
         qbar_ptr, kbarT_ptr, kv_num_ptr, kv_idx_ptr, full_num_ptr, full_idx_ptr,
@@ -112,6 +114,7 @@ def counts_only_tile(
     FORCE_SINK: tl.constexpr, FORCE_DIAG: tl.constexpr, BS: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, KC: tl.constexpr,
     DOT_PREC: tl.constexpr, TUPLE_REDUCE: tl.constexpr, EVEN_K: tl.constexpr,
+    ONE_BAND: tl.constexpr,  # ignored: the variants always score both bands
 ):
     _variant_tile(
         qbar_ptr, kbarT_ptr, kv_num_ptr, kv_idx_ptr, full_num_ptr, full_idx_ptr,
@@ -132,6 +135,7 @@ def logits_only_tile(
     FORCE_SINK: tl.constexpr, FORCE_DIAG: tl.constexpr, BS: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, KC: tl.constexpr,
     DOT_PREC: tl.constexpr, TUPLE_REDUCE: tl.constexpr, EVEN_K: tl.constexpr,
+    ONE_BAND: tl.constexpr,  # ignored: the variants always score both bands
 ):
     _variant_tile(
         qbar_ptr, kbarT_ptr, kv_num_ptr, kv_idx_ptr, full_num_ptr, full_idx_ptr,

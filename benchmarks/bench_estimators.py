@@ -2,6 +2,7 @@
 
     python benchmarks/bench_estimators.py out=benchmarks/results [tag=estimators_h200]
         [lengths=[8192,16384,32768,65536,131072]] [scorers=[prism,meanpool,xattn]]
+        [scorers=[meanpool,meanpool:impl=torch,meanpool:rule=top_k+top_k=205]]  # with knobs
     python benchmarks/bench_estimators.py smoke=true out=/tmp/x     # CPU, tiny sizes, seconds
 
 (omegaconf ``key=value`` overrides through :func:`prism.cli.parse_cli`; the older
@@ -29,6 +30,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import functools
+import json
 import math
 import platform
 import shlex
@@ -126,13 +128,28 @@ def dense_fn(q, k, v, device):
 
 
 # -- main -----------------------------------------------------------------------------------------
-def build_scorers(names):
-    built, skipped = {}, {}
-    for name in names:
+def parse_spec(spec: str) -> tuple[str, dict]:
+    """``scorer`` or ``scorer:key=val+key=val`` (values JSON where they parse, else strings; ``+``
+    separates the knobs, since a comma separates list items on the command line)."""
+    name, _, rest = spec.partition(":")
+    params = {}
+    for item in filter(None, rest.split("+")):
+        key, val = item.split("=", 1)
         try:
-            built[name] = prism.build_scorer(name)
+            params[key] = json.loads(val)
+        except ValueError:
+            params[key] = val
+    return name, params
+
+
+def build_scorers(specs):
+    built, skipped = {}, {}
+    for spec in specs:
+        name, params = parse_spec(spec)
+        try:
+            built[spec] = prism.build_scorer(name, **params)
         except (TypeError, ValueError) as e:
-            skipped[name] = str(e).splitlines()[0]
+            skipped[spec] = str(e).splitlines()[0]
     return built, skipped
 
 
@@ -181,7 +198,8 @@ class Args:
     )
     lengths: list[int] | None = None
     scorers: list[str] | None = dataclasses.field(
-        default=None, metadata={"help": "default: every registered one"}
+        default=None,
+        metadata={"help": "default: every registered one; scorer:key=val+key=val sets knobs"},
     )
     rep_ms: int = dataclasses.field(default=200, metadata={"help": "do_bench time per case"})
     smoke: bool = dataclasses.field(
@@ -198,7 +216,7 @@ def main(argv=None):
     shape = SMOKE_SHAPE if args.smoke else GPU_SHAPE
     lengths = args.lengths or (SMOKE_LENGTHS if args.smoke else GPU_LENGTHS)
     names = args.scorers or prism.available_scorers()
-    unknown = sorted(set(names) - set(prism.available_scorers()))
+    unknown = sorted({parse_spec(n)[0] for n in names} - set(prism.available_scorers()))
     if unknown:
         sys.exit(f"error: unknown scorers {unknown}; valid: {prism.available_scorers()}")
     scorers, skipped = build_scorers(names)

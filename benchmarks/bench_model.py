@@ -196,28 +196,39 @@ def topk_for_density(n_blocks: int, density: float) -> int:
 
 def policy_kwargs(name: str, length: int, cfg: Defaults) -> dict | None:
     """``dense`` -> None; ``scorer`` or ``scorer:key=val,key=val``; ``topk:0.2`` = meanpool top-k
-    at 20 % density; ``cfg:PATH`` = a YAML policy."""
+    at 20 % density (``topk:0.2:impl=torch`` with meanpool knobs, ``+``-separated); ``cfg:PATH``
+    = a YAML policy."""
     if name in ("dense", "dense_cudnn"):
         return None
     kw: dict = {"backend": cfg.backend, "min_len": cfg.min_len or 1}
-    if name.startswith("topk:"):
-        frac = float(name.split(":", 1)[1])
+    if name.startswith("topk:"):  # topk:FRAC or topk:FRAC:key=val+key=val (meanpool knobs)
+        frac, _, extra = name.split(":", 1)[1].partition(":")
         kw.update(
-            scorer="meanpool", rule="top_k", top_k=topk_for_density(math.ceil(length / 128), frac)
+            scorer="meanpool",
+            rule="top_k",
+            top_k=topk_for_density(math.ceil(length / 128), float(frac)),
         )
+        kw.update(_knobs(extra.split("+")))
         return kw
     if name.startswith("cfg:"):  # a YAML policy file (e.g. from prism.calibrate)
         kw["config"] = name.split(":", 1)[1]
         return kw
     scorer, _, rest = name.partition(":")
     kw["scorer"] = scorer
-    for item in filter(None, rest.split(",")):
+    kw.update(_knobs(rest.split(",")))
+    return kw
+
+
+def _knobs(items) -> dict:
+    """``["key=val", ...]`` -> dict (values JSON where they parse, else strings)."""
+    out = {}
+    for item in filter(None, items):
         key, val = item.split("=", 1)
         try:
-            kw[key] = json.loads(val)
+            out[key] = json.loads(val)
         except ValueError:
-            kw[key] = val
-    return kw
+            out[key] = val
+    return out
 
 
 def _null_attention(module, query, key, value, attention_mask, **kwargs):

@@ -11,6 +11,8 @@
 #   bash benchmarks/run_h200.sh host     # host vs device time per attention call; CUDA graphs
 #   bash benchmarks/run_h200.sh graphs   # GPU tests; probe estimator; compile_regions + CUDA graphs
 #   bash benchmarks/run_h200.sh session5 # GPU tests, HF check, probe estimator, graphed model 8K-128K
+#   bash benchmarks/run_h200.sh session6 # fused mean-pool: GPU tests, estimator, 8B shape, SmolLM2
+#   bash benchmarks/run_h200.sh profile8b # SmolLM2 meanpool at 128K; kernel profile of the 8B shape
 set -uo pipefail
 phase=${1:-model}
 OUT=${OUT:-/tmp/out}
@@ -75,6 +77,27 @@ elif [ "$phase" = session5 ]; then
   timeout ${GRAPH_T:-250} python3 benchmarks/bench_model.py gguf=$GGUF compile=true graph=true \
     lengths=[8192,32768,131072] "policies=[dense,prism,$NL]" reps=3 warmup=1 parts=false \
     out=$OUT/model_graph_s5_h200 2>&1 | grep -v Warning
+elif [ "$phase" = session6 ]; then
+  timeout 90 python3 -m pytest -q -m gpu tests/test_meanpool_fused.py tests/test_prism_fused_gpu.py \
+    tests/test_estimator_ops.py 2>&1 | tee $OUT/gpu_tests_session6.log | tail -4
+  timeout 60 python3 benchmarks/bench_estimators.py out=$OUT tag=meanpool_fused_h200 \
+    lengths=[8192,32768,131072] rep_ms=100 \
+    'scorers=[prism,meanpool,meanpool:impl=torch,meanpool:rule=top_k+top_k=109,meanpool:rule=top_k+top_k=109+impl=torch]' \
+    2>&1 | grep -v Warning | grep "^\[" 
+  timeout ${EIGHTB_T:-300} python3 benchmarks/bench_model.py model=random-llama8b compile=true \
+    graph=true check=false lengths=[131072] "policies=[dense,topk:0.2,topk:0.2:impl=torch]" \
+    reps=1 warmup=1 ppl=false parts=false out=$OUT/llama8b_graph_s6_h200 2>&1 | grep -v Warning | tail -6
+  timeout ${SMOL_T:-100} python3 benchmarks/bench_model.py gguf=$GGUF compile=true graph=true \
+    lengths=[32768,131072] "policies=[dense,meanpool,meanpool:impl=torch]" reps=3 warmup=1 \
+    parts=false out=$OUT/model_graph_meanpool_s6_h200 2>&1 | grep -v Warning | tail -8
+elif [ "$phase" = profile8b ]; then
+  timeout 110 python3 benchmarks/bench_model.py gguf=$GGUF compile=true graph=true \
+    lengths=[131072] "policies=[dense,meanpool,meanpool:impl=torch]" reps=3 warmup=1 \
+    parts=false out=$OUT/model_graph_meanpool_128k_s6_h200 2>&1 | grep -v Warning | tail -5
+  timeout 300 python3 benchmarks/bench_model.py model=random-llama8b compile=true graph=false \
+    check=false lengths=[131072] "policies=[topk:0.2]" reps=1 warmup=1 ppl=false parts=false \
+    profile=[131072] profile_policy=topk:0.2 out=$OUT/llama8b_profile_s6_h200 2>&1 \
+    | grep -v Warning | tail -4
 elif [ "$phase" = confirm ]; then
   timeout 100 python3 benchmarks/bench_estimator_share.py gguf=$GGUF lengths=[32768] \
     out=$OUT/estimator_share_h200 2>&1 | grep -v Warning | grep "^{"

@@ -119,7 +119,7 @@ def test_gpu_fullgraph_compile_matches_eager(name, dynamic, shapes):
 
 
 @needs_interpreter
-@pytest.mark.parametrize("scorer", ["prism", "probe"])
+@pytest.mark.parametrize("scorer", ["prism", "probe", "meanpool"])
 def test_auto_route_under_fullgraph_compile_of_a_patched_model(scorer, monkeypatch):
     """``impl="auto"`` inside ``torch.compile(model, fullgraph=True)``: the route that CUDA takes
     (the opaque op; :func:`prism.scorers._fused_ops.auto_takes_fused`, forced here for CPU
@@ -128,10 +128,10 @@ def test_auto_route_under_fullgraph_compile_of_a_patched_model(scorer, monkeypat
     pytest.importorskip("transformers")
     from _tiny_models import ids_of, tiny_model
 
-    import prism.scorers.prism as prism_mod
+    import prism.scorers._fused_pooled as pooled_mod  # prism, meanpool
     import prism.scorers.probe as probe_mod
 
-    for mod in (prism_mod, probe_mod):
+    for mod in (pooled_mod, probe_mod):
         monkeypatch.setattr(mod, "auto_takes_fused", lambda q: True)
 
     def run(model, ids):
@@ -148,7 +148,7 @@ def test_auto_route_under_fullgraph_compile_of_a_patched_model(scorer, monkeypat
     torch._dynamo.reset()
     explained = torch._dynamo.explain(lambda ids: run(model, ids))(a)
     assert explained.graph_count == 1 and explained.graph_break_count == 0
-    op_name = f"{scorer}_select_lists"
+    op_name = f"{'prism' if scorer == 'meanpool' else scorer}_select_lists"
     assert op_name in str(explained.graphs[0].graph)  # the fused estimator's op is in the graph
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True)

@@ -8,14 +8,15 @@ Dynamo cannot trace the estimators' host code (launch planning, Triton launches)
 fake implementations; the real ones are the eager launchers):
 
 * ``torch.ops.prism.prism_select_lists(q, k, config_key)`` —
-  :func:`prism.kernels.estimation.op.prism_select_block_lists` with the Prism scorer config of ``config_key`` resolved
-  for q's head dim (inside the op: the head dim may be symbolic while tracing);
+  :func:`prism.kernels.estimation.op.prism_select_block_lists` with the config of ``config_key``
+  (a ``prism`` or ``meanpool`` scorer) resolved for q's head dim (inside the op: the head dim may
+  be symbolic while tracing);
 * ``torch.ops.prism.probe_select_lists(q, k, params_key)`` —
   :func:`prism.kernels.estimation.probe_op.probe_select_block_lists` over the probe layout of ``params_key``'s ``probes``
   and ``placement`` (``prism.scorers.probe.probe_layout``, built inside the op: eager code).
 
 The keys are JSON strings (compile-time constants; parsed once and cached): ``config_key`` the
-``prism`` scorer's config fields, ``params_key`` ``{"kernel": ProbeKernelParams, "probes": P,
+scorer's name and config fields, ``params_key`` ``{"kernel": ProbeKernelParams, "probes": P,
 "placement": ...}``. Both return ``(kv_num, kv_idx, full_num, full_idx)``: int32 ``[B, Hq, NQB]`` and
 ``[B, Hq, NQB, NKB]``. Forward only (no autograd formula).
 """
@@ -53,9 +54,11 @@ def auto_takes_fused(q: Tensor) -> bool:
     return q.is_cuda and triton_available()
 
 
-def config_key(config) -> str:
-    """The JSON key of a ``prism`` scorer config (:class:`prism.scorers.prism.PrismConfig`)."""
-    return json.dumps(dataclasses.asdict(config), sort_keys=True)
+def config_key(config, scorer: str = "prism") -> str:
+    """The JSON key of a config of a scorer the fused Prism estimator runs (``prism``:
+    :class:`prism.scorers.prism.PrismConfig`, ``meanpool``: its config): the scorer's name and
+    the config's fields."""
+    return json.dumps({"scorer": scorer, **dataclasses.asdict(config)}, sort_keys=True)
 
 
 def probe_params_key(params: ProbeKernelParams, probes: int, placement: str) -> str:
@@ -65,14 +68,14 @@ def probe_params_key(params: ProbeKernelParams, probes: int, placement: str) -> 
 
 
 @functools.lru_cache(maxsize=256)
-def _prism_scorer(key: str):
-    from .prism import PrismScorer  # that module imports this one
+def _fused_scorer(key: str):
+    from .base import build_scorer  # the scorer modules import this one
 
-    return PrismScorer(**json.loads(key))
+    return build_scorer(json.loads(key))
 
 
 def _prism_params(key: str, d: int) -> PrismKernelParams:
-    return _prism_scorer(key).kernel_params(int(d))
+    return _fused_scorer(key).kernel_params(int(d))
 
 
 @functools.lru_cache(maxsize=256)

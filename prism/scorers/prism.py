@@ -16,18 +16,13 @@ from dataclasses import dataclass
 import torch
 
 from .._checks import check_threshold
-from ..kernels.estimation.op import (
-    PrismKernelParams,
-    prism_select_block_lists,
-    supports,
-)
+from ..kernels.estimation.op import PrismKernelParams
 from ..masks import BlockSelection, apply_rule, block_causal, masked_softmax
-from ._fused_ops import auto_takes_fused, config_key
-from .base import ProbScorerConfig, Scorer, register_scorer
+from ._fused_pooled import IMPLS, FusedPooledScorer
+from .base import ProbScorerConfig, register_scorer
 from .pooling import gqa_scores, pool_blocks
 
 ROPE_LAYOUTS = ("half", "interleaved")
-IMPLS = ("auto", "torch", "triton")
 
 
 @dataclass
@@ -104,18 +99,11 @@ def _rms(x: torch.Tensor) -> torch.Tensor:
 
 
 @register_scorer("prism")
-class PrismScorer(Scorer):
+class PrismScorer(FusedPooledScorer):
     """Prism (DESIGN.md §4). ``config.impl`` picks the implementation (see :class:`PrismConfig`);
     ``last_path`` records which one the last call ran (``"triton"`` or ``"torch"``)."""
 
     Config = PrismConfig
-    last_path: str | None = None
-
-    def __init__(self, config: PrismConfig | None = None, **params) -> None:
-        super().__init__(config, **params)
-        # the fused op's key, a plain string (Dynamo reads it as a constant of the graph); the
-        # config is read here once, as everywhere a scorer is used: build a new scorer to change it
-        self.op_key = config_key(self.config)
 
     # -- resolved knobs -----------------------------------------------------------------------
     def band_widths(self, d: int) -> tuple[int, int]:
@@ -135,29 +123,27 @@ class PrismScorer(Scorer):
         return p_high, p_low
 
     def kernel_params(self, d: int) -> PrismKernelParams:
-        """This config resolved for head dim ``d``: the fused estimator's parameters (cached per
-        ``d``: the config is read-only once built, and this is on the per-call host path)."""
+        """This config resolved for head dim ``d``: the fused estimator's parameters."""
         c = self.config
-        cached = self.__dict__.get("_kernel_params")
-        if cached is not None and cached[0] == d:
-            return cached[1]
-        (w_hi, w_lo), (p_hi, p_lo) = self.band_widths(d), self.band_thresholds()
-        params = PrismKernelParams(
-            block_size=c.block_size,
-            high_dims=w_hi,
-            low_dims=w_lo,
-            threshold_high=p_hi,
-            threshold_low=p_lo,
-            rule=c.rule,
-            top_k=int(c.top_k),
-            min_prob=c.min_prob,
-            calibrate=c.calibrate,
-            rope_layout=c.rope_layout,
-            force_sink=c.force_sink,
-            force_diagonal=c.force_diagonal,
-        )
-        self._kernel_params = (d, params)
-        return params
+
+        def make() -> PrismKernelParams:
+            (w_hi, w_lo), (p_hi, p_lo) = self.band_widths(d), self.band_thresholds()
+            return PrismKernelParams(
+                block_size=c.block_size,
+                high_dims=w_hi,
+                low_dims=w_lo,
+                threshold_high=p_hi,
+                threshold_low=p_lo,
+                rule=c.rule,
+                top_k=int(c.top_k),
+                min_prob=c.min_prob,
+                calibrate=c.calibrate,
+                rope_layout=c.rope_layout,
+                force_sink=c.force_sink,
+                force_diagonal=c.force_diagonal,
+            )
+
+        return self._cached_params(d, make)
 
     # -- the PyTorch path ---------------------------------------------------------------------
     def band_probs(self, q: torch.Tensor, k: torch.Tensor) -> Iterator[torch.Tensor]:
@@ -191,40 +177,3 @@ class PrismScorer(Scorer):
             sel = apply_rule(probs, visible, c.rule, p, c.top_k, c.min_prob)
             keep = sel if keep is None else keep | sel
         return self.finalize(keep, sq, sk)
-
-    # -- the fused Triton path ----------------------------------------------------------------
-    def select_triton(
-        self, q: torch.Tensor, k: torch.Tensor, params: PrismKernelParams | None = None
-    ) -> BlockSelection:
-        """The fused estimator: a list-stored selection (its ``block_mask()`` wraps the lists the
-        kernel wrote). Raises where the kernel cannot run (no Triton, CPU without the
-        interpreter, unsupported inputs). ``params``: :meth:`kernel_params` if already made."""
-        if torch.compiler.is_compiling():  # Dynamo cannot trace the launcher: the opaque op
-            lists = torch.ops.prism.prism_select_lists(q, k, self.op_key)
-        else:
-            lists = prism_select_block_lists(q, k, params or self.kernel_params(q.shape[-1]))
-        return BlockSelection.from_lists(lists, q.shape[2], k.shape[2], self.config.block_size)
-
-    def _route(self, q: torch.Tensor, k: torch.Tensor) -> tuple[str, PrismKernelParams | None]:
-        impl = self.config.impl
-        if impl != "auto":
-            return impl, None
-        if auto_takes_fused(q):
-            params = self.kernel_params(q.shape[-1])
-            if supports(q, k, params):
-                return "triton", params
-        return "torch", None
-
-    def resolve_impl(self, q: torch.Tensor, k: torch.Tensor) -> str:
-        """``"triton"`` or ``"torch"``: the path :meth:`select` takes for these inputs."""
-        return self._route(q, k)[0]
-
-    def select(self, q: torch.Tensor, k: torch.Tensor) -> BlockSelection:
-        path, params = self._route(q, k)
-        if path == "triton":
-            sel = self.select_triton(q, k, params)
-        else:
-            sel = self.select_torch(q, k)
-        if not torch.compiler.is_compiling():
-            self.last_path = path
-        return sel

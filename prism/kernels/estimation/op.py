@@ -207,6 +207,13 @@ class Plan:
         else:
             self.tgt_hi = self.tgt_lo = float(params.min_prob)
             self.all_hi = self.all_lo = False
+        # the two bands coincide (same dims, so the same scale and calibration, and the same
+        # target): the select kernel scores one band (mean pooling, :mod:`prism.scorers.meanpool`)
+        self.one_band = (
+            self.hi_seg == self.lo_seg
+            and self.w_hi == self.w_lo
+            and (self.tgt_hi, self.all_hi) == (self.tgt_lo, self.all_lo)
+        )
 
 
 def prism_select_block_lists(

@@ -379,6 +379,7 @@ def _select_tile(
     DOT_PREC: tl.constexpr,
     TUPLE_REDUCE: tl.constexpr,
     EVEN_K: tl.constexpr,
+    ONE_BAND: tl.constexpr,
 ):
     """The production tile body: R = BLOCK_G * BLOCK_Q rows, BLOCK_N >= their visible KV blocks.
 
@@ -394,11 +395,12 @@ def _select_tile(
         N_SEGS, R, BLOCK_N, KC, DOT_PREC, EVEN_K,
     )  # fmt: skip
     sel = _band_keep(acc, scale_hi, vis, nvis, tgt_hi, RULE, ALL_HI, TUPLE_REDUCE)
-    acc = _band_logits(
-        qrow_ptr, row_ok, kT_ptr, NKB_P, LO_SEG0, LO_SEG1, LO_SEG_LEN,
-        N_SEGS, R, BLOCK_N, KC, DOT_PREC, EVEN_K,
-    )  # fmt: skip
-    sel = sel | _band_keep(acc, scale_lo, vis, nvis, tgt_lo, RULE, ALL_LO, TUPLE_REDUCE)
+    if not ONE_BAND:  # ONE_BAND: the low band is the high band (same dims, target, scale)
+        acc = _band_logits(
+            qrow_ptr, row_ok, kT_ptr, NKB_P, LO_SEG0, LO_SEG1, LO_SEG_LEN,
+            N_SEGS, R, BLOCK_N, KC, DOT_PREC, EVEN_K,
+        )  # fmt: skip
+        sel = sel | _band_keep(acc, scale_lo, vis, nvis, tgt_lo, RULE, ALL_LO, TUPLE_REDUCE)
     sel = _forced_clip(sel, j, vis, part, FORCE_SINK, FORCE_DIAG)
     _write_lists(
         sel, part, r, j, bh, qi, row_ok, kv_num_ptr, kv_idx_ptr, full_num_ptr, full_idx_ptr,
@@ -463,6 +465,7 @@ def _select_kernel(
     TIERS: tl.constexpr,
     TUPLE_REDUCE: tl.constexpr,
     EVEN_K: tl.constexpr,
+    ONE_BAND: tl.constexpr,
     TILE: tl.constexpr,
 ):
     R: tl.constexpr = BLOCK_G * BLOCK_Q
@@ -508,7 +511,7 @@ def _select_kernel(
                 HQ, G, SQ, NQB, NKB, NKB_P, D, PREFIX,
                 HI_SEG0, HI_SEG1, HI_SEG_LEN, LO_SEG0, LO_SEG1, LO_SEG_LEN, tgt_hi, tgt_lo,
                 N_SEGS, RULE, ALL_HI, ALL_LO, FORCE_SINK, FORCE_DIAG,
-                BS, BLOCK_G, BLOCK_Q, N4, KC, DOT_PREC, TUPLE_REDUCE, EVEN_K,
+                BS, BLOCK_G, BLOCK_Q, N4, KC, DOT_PREC, TUPLE_REDUCE, EVEN_K, ONE_BAND,
             )  # fmt: skip
         elif tile_nvis <= N2:
             TILE(
@@ -517,7 +520,7 @@ def _select_kernel(
                 HQ, G, SQ, NQB, NKB, NKB_P, D, PREFIX,
                 HI_SEG0, HI_SEG1, HI_SEG_LEN, LO_SEG0, LO_SEG1, LO_SEG_LEN, tgt_hi, tgt_lo,
                 N_SEGS, RULE, ALL_HI, ALL_LO, FORCE_SINK, FORCE_DIAG,
-                BS, BLOCK_G, BLOCK_Q, N2, KC, DOT_PREC, TUPLE_REDUCE, EVEN_K,
+                BS, BLOCK_G, BLOCK_Q, N2, KC, DOT_PREC, TUPLE_REDUCE, EVEN_K, ONE_BAND,
             )  # fmt: skip
         else:
             TILE(
@@ -526,7 +529,7 @@ def _select_kernel(
                 HQ, G, SQ, NQB, NKB, NKB_P, D, PREFIX,
                 HI_SEG0, HI_SEG1, HI_SEG_LEN, LO_SEG0, LO_SEG1, LO_SEG_LEN, tgt_hi, tgt_lo,
                 N_SEGS, RULE, ALL_HI, ALL_LO, FORCE_SINK, FORCE_DIAG,
-                BS, BLOCK_G, BLOCK_Q, BLOCK_N, KC, DOT_PREC, TUPLE_REDUCE, EVEN_K,
+                BS, BLOCK_G, BLOCK_Q, BLOCK_N, KC, DOT_PREC, TUPLE_REDUCE, EVEN_K, ONE_BAND,
             )  # fmt: skip
     elif TIERS >= 2 and N2 >= 16:
         if tile_nvis <= N2:
@@ -536,7 +539,7 @@ def _select_kernel(
                 HQ, G, SQ, NQB, NKB, NKB_P, D, PREFIX,
                 HI_SEG0, HI_SEG1, HI_SEG_LEN, LO_SEG0, LO_SEG1, LO_SEG_LEN, tgt_hi, tgt_lo,
                 N_SEGS, RULE, ALL_HI, ALL_LO, FORCE_SINK, FORCE_DIAG,
-                BS, BLOCK_G, BLOCK_Q, N2, KC, DOT_PREC, TUPLE_REDUCE, EVEN_K,
+                BS, BLOCK_G, BLOCK_Q, N2, KC, DOT_PREC, TUPLE_REDUCE, EVEN_K, ONE_BAND,
             )  # fmt: skip
         else:
             TILE(
@@ -545,7 +548,7 @@ def _select_kernel(
                 HQ, G, SQ, NQB, NKB, NKB_P, D, PREFIX,
                 HI_SEG0, HI_SEG1, HI_SEG_LEN, LO_SEG0, LO_SEG1, LO_SEG_LEN, tgt_hi, tgt_lo,
                 N_SEGS, RULE, ALL_HI, ALL_LO, FORCE_SINK, FORCE_DIAG,
-                BS, BLOCK_G, BLOCK_Q, BLOCK_N, KC, DOT_PREC, TUPLE_REDUCE, EVEN_K,
+                BS, BLOCK_G, BLOCK_Q, BLOCK_N, KC, DOT_PREC, TUPLE_REDUCE, EVEN_K, ONE_BAND,
             )  # fmt: skip
     else:
         TILE(
@@ -554,7 +557,7 @@ def _select_kernel(
             HQ, G, SQ, NQB, NKB, NKB_P, D, PREFIX,
             HI_SEG0, HI_SEG1, HI_SEG_LEN, LO_SEG0, LO_SEG1, LO_SEG_LEN, tgt_hi, tgt_lo,
             N_SEGS, RULE, ALL_HI, ALL_LO, FORCE_SINK, FORCE_DIAG,
-            BS, BLOCK_G, BLOCK_Q, BLOCK_N, KC, DOT_PREC, TUPLE_REDUCE, EVEN_K,
+            BS, BLOCK_G, BLOCK_Q, BLOCK_N, KC, DOT_PREC, TUPLE_REDUCE, EVEN_K, ONE_BAND,
         )  # fmt: skip
 
 
@@ -679,6 +682,7 @@ def select_from_pooled(
         TIERS=launch.tiers,
         TUPLE_REDUCE=pl.device_type != "cpu",  # CPU tensors run under the interpreter
         EVEN_K=(pl.hi_seg[2] % launch.kc == 0) and (pl.lo_seg[2] % launch.kc == 0),
+        ONE_BAND=bool(pl.one_band),
         TILE=_select_tile if tile is None else tile,
         num_warps=launch.num_warps,
         num_stages=launch.num_stages,
