@@ -180,35 +180,46 @@ def token_ids(tok, n: int, vocab: int) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------
 # policies
 # ------------------------------------------------------------------------------------------
-def topk_for_density(n_blocks: int, density: float) -> int:
-    """Per-row top-k giving ``density`` of the causal blocks of an n x n block-causal grid."""
+def topk_for_density(n_blocks: int, density: float, forced: int = 2) -> int:
+    """Per-row top-k giving (nearest) ``density`` of the causal blocks of an n x n block-causal grid,
+    counting the ``forced`` blocks each row keeps besides its top k (the sink and the diagonal:
+    2, or 1 in row 0; taken as extra, which they are unless the top k already holds them).
+    ``forced=0`` sizes k alone (the forced blocks then come on top, as before session 6, when
+    k was also the smallest reaching the target: k = 109 and density 0.204 for 0.2 at 128K)."""
     total = n_blocks * (n_blocks + 1) // 2
+
+    def kept(k: int) -> int:
+        return sum(min(i + 1, k + min(forced, i + 1)) for i in range(n_blocks))
+
     lo, hi = 1, n_blocks
     while lo < hi:
         k = (lo + hi) // 2
-        kept = k * (k + 1) // 2 + (n_blocks - k) * k
-        if kept / total < density:
+        if kept(k) / total < density:
             lo = k + 1
         else:
             hi = k
+    # the k nearest to the target (lo: the smallest reaching it; lo - 1: the largest below it)
+    if lo > 1 and density - kept(lo - 1) / total < kept(lo) / total - density:
+        return lo - 1
     return lo
 
 
 def policy_kwargs(name: str, length: int, cfg: Defaults) -> dict | None:
     """``dense`` -> None; ``scorer`` or ``scorer:key=val,key=val``; ``topk:0.2`` = meanpool top-k
-    at 20 % density (``topk:0.2:impl=torch`` with meanpool knobs, ``+``-separated); ``cfg:PATH``
-    = a YAML policy."""
+    at 20 % density, the forced sink + diagonal blocks included (``topk:0.2:impl=torch`` with
+    meanpool knobs, ``+``-separated; ``forced=0`` sizes k without them, as before session 6);
+    ``cfg:PATH`` = a YAML policy."""
     if name in ("dense", "dense_cudnn"):
         return None
     kw: dict = {"backend": cfg.backend, "min_len": cfg.min_len or 1}
     if name.startswith("topk:"):  # topk:FRAC or topk:FRAC:key=val+key=val (meanpool knobs)
         frac, _, extra = name.split(":", 1)[1].partition(":")
-        kw.update(
-            scorer="meanpool",
-            rule="top_k",
-            top_k=topk_for_density(math.ceil(length / 128), float(frac)),
-        )
-        kw.update(_knobs(extra.split("+")))
+        knobs = _knobs(extra.split("+"))
+        # forced=0 (a bench knob, not a scorer one): size k alone, the forced blocks on top
+        forced = int(knobs.pop("forced", 2))
+        k = topk_for_density(math.ceil(length / 128), float(frac), forced)
+        kw.update(scorer="meanpool", rule="top_k", top_k=k)
+        kw.update(knobs)
         return kw
     if name.startswith("cfg:"):  # a YAML policy file (e.g. from prism.calibrate)
         kw["config"] = name.split(":", 1)[1]

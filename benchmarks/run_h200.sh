@@ -13,6 +13,7 @@
 #   bash benchmarks/run_h200.sh session5 # GPU tests, HF check, probe estimator, graphed model 8K-128K
 #   bash benchmarks/run_h200.sh session6 # fused mean-pool: GPU tests, estimator, 8B shape, SmolLM2
 #   bash benchmarks/run_h200.sh profile8b # SmolLM2 meanpool at 128K; kernel profile of the 8B shape
+#   bash benchmarks/run_h200.sh eightb6  # 8B shape graphed at 128K, 5-40 % density (forced counted)
 set -uo pipefail
 phase=${1:-model}
 OUT=${OUT:-/tmp/out}
@@ -98,6 +99,11 @@ elif [ "$phase" = profile8b ]; then
     check=false lengths=[131072] "policies=[topk:0.2]" reps=1 warmup=1 ppl=false parts=false \
     profile=[131072] profile_policy=topk:0.2 out=$OUT/llama8b_profile_s6_h200 2>&1 \
     | grep -v Warning | tail -4
+elif [ "$phase" = eightb6 ]; then
+  timeout 400 python3 benchmarks/bench_model.py model=random-llama8b compile=true graph=true \
+    check=false lengths=[131072] "policies=[dense,topk:0.05,topk:0.1,topk:0.2,topk:0.4]" \
+    reps=1 warmup=1 ppl=false parts=false out=$OUT/llama8b_graph_s6b_h200 2>&1 \
+    | grep -v Warning | tail -9
 elif [ "$phase" = confirm ]; then
   timeout 100 python3 benchmarks/bench_estimator_share.py gguf=$GGUF lengths=[32768] \
     out=$OUT/estimator_share_h200 2>&1 | grep -v Warning | grep "^{"
