@@ -184,8 +184,8 @@ def topk_for_density(n_blocks: int, density: float, forced: int = 2) -> int:
     """Per-row top-k giving (nearest) ``density`` of the causal blocks of an n x n block-causal grid,
     counting the ``forced`` blocks each row keeps besides its top k (the sink and the diagonal:
     2, or 1 in row 0; taken as extra, which they are unless the top k already holds them).
-    ``forced=0`` sizes k alone (the forced blocks then come on top, as before session 6, when
-    k was also the smallest reaching the target: k = 109 and density 0.204 for 0.2 at 128K)."""
+    ``forced=0`` sizes k alone and returns the smallest k reaching the target (the forced blocks
+    then come on top), exactly as before session 6: k = 109 and density 0.204 for 0.2 at 128K."""
     total = n_blocks * (n_blocks + 1) // 2
 
     def kept(k: int) -> int:
@@ -198,6 +198,8 @@ def topk_for_density(n_blocks: int, density: float, forced: int = 2) -> int:
             lo = k + 1
         else:
             hi = k
+    if forced == 0:  # the pre-session-6 sizing: the smallest k reaching the target
+        return lo
     # the k nearest to the target (lo: the smallest reaching it; lo - 1: the largest below it)
     if lo > 1 and density - kept(lo - 1) / total < kept(lo) / total - density:
         return lo - 1
@@ -208,7 +210,7 @@ def policy_kwargs(name: str, length: int, cfg: Defaults) -> dict | None:
     """``dense`` -> None; ``scorer`` or ``scorer:key=val,key=val``; ``topk:0.2`` = meanpool top-k
     at 20 % density, the forced sink + diagonal blocks included (``topk:0.2:impl=torch`` with
     meanpool knobs, ``+``-separated; ``forced=0`` sizes k without them, as before session 6);
-    ``cfg:PATH`` = a YAML policy."""
+    ``cfg:PATH`` = a YAML policy (``cfg:PATH:placement=shared`` overrides its top-level keys)."""
     if name in ("dense", "dense_cudnn"):
         return None
     kw: dict = {"backend": cfg.backend, "min_len": cfg.min_len or 1}
@@ -217,12 +219,15 @@ def policy_kwargs(name: str, length: int, cfg: Defaults) -> dict | None:
         knobs = _knobs(extra.split("+"))
         # forced=0 (a bench knob, not a scorer one): size k alone, the forced blocks on top
         forced = int(knobs.pop("forced", 2))
-        k = topk_for_density(math.ceil(length / 128), float(frac), forced)
+        bs = int(knobs.get("block_size", 128))  # k counts blocks of the policy's own size
+        k = topk_for_density(math.ceil(length / bs), float(frac), forced)
         kw.update(scorer="meanpool", rule="top_k", top_k=k)
         kw.update(knobs)
         return kw
-    if name.startswith("cfg:"):  # a YAML policy file (e.g. from prism.calibrate)
-        kw["config"] = name.split(":", 1)[1]
+    if name.startswith("cfg:"):  # a YAML policy file (e.g. from prism.calibrate), cfg:PATH or
+        path, _, extra = name.split(":", 1)[1].partition(":")  # cfg:PATH:key=val+key=val
+        kw["config"] = path
+        kw.update(_knobs(extra.split("+")))  # keywords override the file (patch_model)
         return kw
     scorer, _, rest = name.partition(":")
     kw["scorer"] = scorer

@@ -42,7 +42,12 @@ from prism.cli import parse_cli  # noqa: E402
 from prism.kernels.estimation.probe_kernels import launch_log_masses, launch_select  # noqa: E402
 from prism.kernels.estimation.probe_op import probe_block_probs_fused  # noqa: E402
 from prism.scorers.prism import PrismScorer  # noqa: E402
-from prism.scorers.probe import ProbeScorer, probe_block_probs, probe_layout  # noqa: E402
+from prism.scorers.probe import (  # noqa: E402
+    ProbeScorer,
+    probe_block_probs,
+    probe_layout,
+    shares_probes,
+)
 from prism.utils.tables import markdown_records  # noqa: E402
 
 HQ, HKV, D = 32, 8, 128
@@ -59,6 +64,7 @@ class Options:
     sweep: bool = True
     torch_max: int = 32768
     out: str = "benchmarks/results"
+    name: str = "probe_estimator_h200"  # output files: NAME.{md,csv}, NAME_cmd.txt
 
 
 def bench(fn, rep=100) -> float:
@@ -82,12 +88,10 @@ def check(opt: Options) -> list[str]:
         f = ProbeScorer(impl="triton", **cfg).select(q, k).mask
         bad = (a != f).any(-1).float().mean().item()
         rows, w = probe_layout(sq, 128, opt.probes, opt.placement, q.device)
-        err = (
-            (probe_block_probs_fused(q, k, rows, w, 128) - probe_block_probs(q, k, 128, opt.probes))
-            .abs()
-            .max()
-            .item()
-        )
+        shared = shares_probes(opt.placement, opt.probes)
+        fused_probs = probe_block_probs_fused(q, k, rows, w, 128, shared=shared)
+        err = (fused_probs - probe_block_probs(q, k, 128, opt.probes, opt.placement)).abs().max()
+        err = err.item()
         line = (
             f"check B={b} Hq={hq} Hkv={hkv} Sq={sq} Sk={sk} {dt}: rows differing {bad:.5f}, "
             f"max |prob diff| {err:.2e}, density {f.float().mean().item():.3f}"
@@ -116,6 +120,9 @@ def sweep(opt: Options) -> list[dict]:
     for s in sorted(set(opt.lengths)):
         q, k = synth_qk(1, HQ, HKV, s, D, 0, torch.bfloat16)
         rows, w = probe_layout(s, 128, opt.probes, opt.placement, q.device)
+        shared = shares_probes(opt.placement, opt.probes)
+        if shared:
+            rows = rows[:, 1:].contiguous()
         want = launch_log_masses(q, k, rows, 128, schedule="q")
         nb = want.shape[2]  # Sq = Sk: query block i sees KV blocks 0..i (launch 2 reads these)
         vis = torch.ones(nb, nb, dtype=torch.bool, device=q.device).tril()
@@ -140,12 +147,13 @@ def sweep(opt: Options) -> list[dict]:
             )  # fmt: skip
         if s == max(opt.lengths):
             params = ProbeScorer(probes=opt.probes, threshold=opt.threshold).kernel_params()
-            ref = launch_select(want, w, s, s, HKV, params)
+            ref = launch_select(want, w, s, s, HKV, params, shared=shared)
             for rpp, nw in itertools.product((4, 8, 16, 32), (None, 4, 8, 16)):
                 try:
                     got = launch_select(
-                        want, w, s, s, HKV, params, rows_per_program=rpp, num_warps=nw
-                    )
+                        want, w, s, s, HKV, params, rows_per_program=rpp, num_warps=nw,
+                        shared=shared,
+                    )  # fmt: skip
                 except Exception as e:  # out of shared memory for the widest tiles
                     print(f"sweep S={s} launch2 rows={rpp} warps={nw}: {type(e).__name__}")
                     continue
@@ -153,7 +161,7 @@ def sweep(opt: Options) -> list[dict]:
                 t = bench(
                     functools.partial(
                         launch_select, want, w, s, s, HKV, params, rows_per_program=rpp,
-                        num_warps=nw,
+                        num_warps=nw, shared=shared,
                     )
                 )  # fmt: skip
                 print(f"sweep S={s} launch2 rows={rpp} warps={nw}: {t:.3f} ms, same {same}")
@@ -172,14 +180,18 @@ def time_one(opt: Options, s: int) -> dict:
     cfg = dict(probes=opt.probes, placement=opt.placement, threshold=opt.threshold)
     fused = ProbeScorer(impl="triton", **cfg)
     rows, w = probe_layout(s, 128, opt.probes, opt.placement, q.device)
+    shared = shares_probes(opt.placement, opt.probes)
+    if shared:  # launch 1 computes the own probes only (slots 1..P-1)
+        rows = rows[:, 1:].contiguous()
     params = fused.kernel_params()
     sel = fused.select(q, k)
-    row = dict(length=s, density=round(sel.mask.float().mean().item(), 4))
+    row = dict(length=s, placement=opt.placement, launch1_probes=rows.shape[1])
+    row["density"] = round(sel.mask.float().mean().item(), 4)
     row["probe_fused_ms"] = bench(lambda: fused.select(q, k).lists)
     lm = launch_log_masses(q, k, rows, 128)
     row["launch1_ms"] = bench(lambda: launch_log_masses(q, k, rows, 128))
     row["launch1_qsched_ms"] = bench(lambda: launch_log_masses(q, k, rows, 128, schedule="q"))
-    row["launch2_ms"] = bench(lambda: launch_select(lm, w, s, s, HKV, params))
+    row["launch2_ms"] = bench(lambda: launch_select(lm, w, s, s, HKV, params, shared=shared))
     row["probe_fused_peak_mb"] = round(peak_extra_mb(lambda: fused.select(q, k).lists)[0], 1)
     if s <= opt.torch_max:
         ref = ProbeScorer(impl="torch", **cfg)
@@ -220,16 +232,19 @@ def main(argv=None) -> None:
         rows.append(time_one(opt, s))
         torch.cuda.empty_cache()
     cols = list(dict.fromkeys(c for r in rows for c in r))
-    with open(out / "probe_estimator_h200.csv", "w", newline="") as fh:
+    with open(out / f"{opt.name}.csv", "w", newline="") as fh:
         wr = csv.DictWriter(fh, fieldnames=cols)
         wr.writeheader()
         wr.writerows(rows)
     md = markdown_records(rows, cols)
-    text = f"{header}\n\nHq={HQ}, Hkv={HKV}, D={D}, bf16, batch 1, P={opt.probes}\n\n{md}\n"
+    text = (
+        f"{header}\n\nHq={HQ}, Hkv={HKV}, D={D}, bf16, batch 1, P={opt.probes}, placement "
+        f"{opt.placement}\n\n{md}\n"
+    )
     if sweep_rows:
         text += "\nsweep\n\n" + markdown_records(sweep_rows) + "\n"
-    (out / "probe_estimator_h200.md").write_text(text)
-    (out / "probe_estimator_h200_cmd.txt").write_text(" ".join(sys.argv) + "\n")
+    (out / f"{opt.name}.md").write_text(text)
+    (out / f"{opt.name}_cmd.txt").write_text(" ".join(sys.argv) + "\n")
     print(text)
 
 

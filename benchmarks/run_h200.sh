@@ -14,6 +14,8 @@
 #   bash benchmarks/run_h200.sh session6 # fused mean-pool: GPU tests, estimator, 8B shape, SmolLM2
 #   bash benchmarks/run_h200.sh profile8b # SmolLM2 meanpool at 128K; kernel profile of the 8B shape
 #   bash benchmarks/run_h200.sh eightb6  # 8B shape graphed at 128K, 5-40 % density (forced counted)
+#   bash benchmarks/run_h200.sh session7 # shared probes: GPU tests, estimators, SmolLM2 8K/32K
+#   bash benchmarks/run_h200.sh eightb7  # 8B shape graphed at 128K, 20 % (count-only top-k search)
 set -uo pipefail
 phase=${1:-model}
 OUT=${OUT:-/tmp/out}
@@ -104,6 +106,28 @@ elif [ "$phase" = eightb6 ]; then
     check=false lengths=[131072] "policies=[dense,topk:0.05,topk:0.1,topk:0.2,topk:0.4]" \
     reps=1 warmup=1 ppl=false parts=false out=$OUT/llama8b_graph_s6b_h200 2>&1 \
     | grep -v Warning | tail -9
+elif [ "$phase" = session7 ]; then
+  NL=cfg:prism/configs/policies/smollm2_probe_near_lossless.yaml
+  timeout 120 python3 -m pytest -q -m gpu tests/test_probe_fused.py tests/test_estimator_ops.py \
+    tests/test_meanpool_fused.py tests/test_prism_fused_gpu.py 2>&1 \
+    | tee $OUT/gpu_tests_session7.log | tail -4
+  for pl in ends:2 shared:2 shared:3; do
+    timeout 80 python3 benchmarks/bench_probe_estimator.py lengths=[8192,32768,131072] \
+      sweep=false placement=${pl%%:*} probes=${pl##*:} out=$OUT \
+      name=probe_estimator_s7_${pl%%:*}${pl##*:}_h200 2>&1 | grep -v Warning | tail -6
+  done
+  timeout 60 python3 benchmarks/bench_estimators.py out=$OUT tag=topk_select_s7_h200 \
+    lengths=[8192,32768,131072] rep_ms=100 \
+    'scorers=[meanpool,meanpool:rule=top_k+top_k=109,prism:rule=top_k+top_k=109]' \
+    2>&1 | grep -v Warning | grep "^\["
+  timeout ${SMOL_T:-200} python3 benchmarks/bench_model.py gguf=$GGUF compile=true graph=true \
+    lengths=[8192,32768] \
+    "policies=[dense,prism,$NL,$NL:placement=shared,$NL:placement=shared+probes=3]" \
+    reps=3 warmup=1 parts=false out=$OUT/model_graph_s7_h200 2>&1 | grep -v Warning | tail -12
+elif [ "$phase" = eightb7 ]; then
+  timeout ${EIGHTB_T:-300} python3 benchmarks/bench_model.py model=random-llama8b compile=true \
+    graph=true check=false lengths=[131072] "policies=[dense,topk:0.2]" reps=1 warmup=1 \
+    ppl=false parts=false out=$OUT/llama8b_graph_s7_h200 2>&1 | grep -v Warning | tail -6
 elif [ "$phase" = confirm ]; then
   timeout 100 python3 benchmarks/bench_estimator_share.py gguf=$GGUF lengths=[32768] \
     out=$OUT/estimator_share_h200 2>&1 | grep -v Warning | grep "^{"

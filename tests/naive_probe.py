@@ -10,8 +10,16 @@ import math
 import torch
 
 
-def naive_probe_rows(length: int, probes: int, placement: str) -> list[int]:
-    """Offsets of the probes inside a query block of ``length`` real rows (float arithmetic)."""
+def naive_probe_rows(length: int, probes: int, placement: str, has_prev: bool = True) -> list[int]:
+    """Offsets of the probes inside a query block of ``length`` real rows (float arithmetic).
+    ``shared``: evenly spaced from -1 (the previous block's last row; dropped without one) to
+    ``length - 1``."""
+    if placement == "shared":
+        if probes == 1:
+            return [length - 1]
+        n = min(probes, length + 1)
+        offs = [int(math.floor(t * length / (n - 1) + 0.5)) - 1 for t in range(n)]
+        return offs if has_prev else offs[1:]
     n = min(probes, length)
     if placement == "ends":
         if n == 1:
@@ -41,7 +49,7 @@ def naive_probe_probs(q, k, bs=128, probes=2, placement="ends") -> torch.Tensor:
             keys = kd[bb, h // g]
             for i in range(nqb):
                 length = min(bs, sq - i * bs)
-                offs = naive_probe_rows(length, probes, placement)
+                offs = naive_probe_rows(length, probes, placement, has_prev=i > 0)
                 acc = [0.0] * nkb
                 for r in offs:
                     t = i * bs + r

@@ -521,3 +521,17 @@ def test_gpu_flex_lse_path_matches_torch_path(dtype):
     torch.testing.assert_close(out.float().cpu()[fin], want[fin], atol=tol, rtol=tol)
     torch.testing.assert_close(lse.float().cpu()[fin], want_lse[fin], atol=tol, rtol=tol)
     assert torch.isinf(lse.cpu()[~fin]).all()
+
+
+def test_shared_probe_placement_is_not_row_local():
+    """Block i's first ``shared`` probe is block i − 1's last row, which a chunk scored against
+    its key prefix does not hold: ``auto`` must gather, ``rows`` must refuse."""
+    from prism.distributed.context_parallel import resolve_score_mode, scorer_is_row_local
+
+    shared = prism.build_scorer("probe", placement="shared", probes=2)
+    assert not scorer_is_row_local(shared)
+    assert scorer_is_row_local(prism.build_scorer("probe", placement="shared", probes=1))
+    assert scorer_is_row_local(prism.build_scorer("probe", placement="ends", probes=2))
+    assert resolve_score_mode(shared, "auto") == "gather"
+    with pytest.raises(ValueError, match="row-local"):
+        resolve_score_mode(shared, "rows")

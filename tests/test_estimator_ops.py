@@ -25,6 +25,7 @@ needs_interpreter = pytest.mark.skipif(
 SCORERS = {
     "prism": dict(scorer="prism", impl="triton", threshold=0.8, block_size=64),
     "probe": dict(scorer="probe", impl="triton", threshold=0.8, block_size=64, probes=2),
+    "meanpool": dict(scorer="meanpool", impl="triton", threshold=0.8, block_size=64),
 }
 
 
@@ -41,7 +42,9 @@ def test_opcheck_both_ops():
     q, k, _ = _qkv(200, 330)
     pr = prism.build_scorer(SCORERS["prism"])
     pb = prism.build_scorer(SCORERS["probe"])
-    torch.library.opcheck(torch.ops.prism.prism_select_lists.default, (q, k, config_key(pr.config)))
+    torch.library.opcheck(
+        torch.ops.prism.prism_select_lists.default, (q, k, config_key(pr.config, "prism"))
+    )
     key = probe_params_key(pb.kernel_params(), 2, "ends")
     torch.library.opcheck(torch.ops.prism.probe_select_lists.default, (q, k, key))
 
@@ -86,14 +89,21 @@ def test_key_round_trip_and_errors():
     from prism.scorers._fused_ops import _prism_params, _probe_params
 
     scorer = prism.build_scorer("prism", threshold=0.9, high_dims=16)
-    assert _prism_params(config_key(scorer.config), 64) == scorer.kernel_params(64)
+    assert _prism_params(config_key(scorer.config, "prism"), 64) == scorer.kernel_params(64)
+    # the key names its scorer: a mean-pool config runs mean pooling (one full-width band),
+    # never Prism's two bands
+    mp = prism.build_scorer("meanpool", threshold=0.9)
+    mp_params = _prism_params(config_key(mp.config, "meanpool"), 64)
+    assert mp_params == mp.kernel_params(64)
+    assert mp_params.high_dims == mp_params.low_dims == 64
+    assert _prism_params(config_key(scorer.config, "prism"), 64).high_dims == 16
     pb = prism.build_scorer("probe", probes=3, placement="uniform").kernel_params()
     assert _probe_params(probe_params_key(pb, 3, "uniform")) == (pb, 3, "uniform")
     if not (op.triton_available() and op.interpreter_on()):
         pytest.skip("the op's real implementation needs the interpreter on CPU")
     q, k, _ = _qkv(100, 100)
     with pytest.raises(ValueError):  # the launcher's own checks: Hq not a multiple of Hkv
-        torch.ops.prism.prism_select_lists(q[:, :3], k, config_key(scorer.config))
+        torch.ops.prism.prism_select_lists(q[:, :3], k, config_key(scorer.config, "prism"))
 
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

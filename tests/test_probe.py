@@ -68,6 +68,14 @@ def test_placements_match_reference(placement, probes, sq, sk):
 def test_probe_rows_are_distinct_real_rows(placement, probes, length):
     offs = probe_offsets(length, probes, placement)
     assert offs == naive_probe_rows(length, probes, placement)
+    if placement == "shared":  # row -1 = the previous block's last row
+        assert len(offs) == (1 if probes == 1 else min(probes, length + 1)) == len(set(offs))
+        assert offs[-1] == length - 1 and offs == sorted(offs)
+        assert probes == 1 or offs[0] == -1
+        first = probe_offsets(length, probes, placement, has_prev=False)
+        assert first == naive_probe_rows(length, probes, placement, has_prev=False)
+        assert first == (offs if probes == 1 else offs[1:])
+        return
     assert len(offs) == min(probes, length) == len(set(offs))
     assert all(0 <= r < length for r in offs) and offs == sorted(offs)
     if placement == "ends" and len(offs) >= 2:

@@ -25,7 +25,7 @@ from prism.kernels.estimation.probe_op import (
     probe_select_block_lists,
 )
 from prism.masks import BlockSelection, block_causal, bool_to_block_lists
-from prism.scorers.probe import ProbeScorer, probe_block_probs, probe_layout
+from prism.scorers.probe import ProbeScorer, probe_block_probs, probe_layout, shares_probes
 
 needs_interpreter = pytest.mark.skipif(
     not (op.triton_available() and op.interpreter_on()),
@@ -69,6 +69,16 @@ CPU_CASES = {
     # NKB > 64: the select kernel's causal tiers (narrow rows for early tiles, identity tails)
     "tiers_block16": (1, 2, 1, 1100, 1100, 16, 16, 2, "ends", {"threshold": 0.9}),
     "tiers_block16_prefix": (1, 2, 2, 600, 1100, 16, 16, 2, "ends", {}),
+    # shared: block i's first probe is block i - 1's last (launch 2 reads it, launch 1 skips it)
+    "shared_ragged127": (1, 2, 1, 127, 127, 64, 32, 2, "shared", {}),
+    "shared_gqa_batch2_prefix": (2, 8, 2, 290, 700, 32, 64, 2, "shared", {"threshold": 0.9}),
+    "shared_three_ragged_last": (1, 6, 2, 1025, 1025, 32, 64, 3, "shared", {"threshold": 0.85}),
+    "shared_top_k_no_forced": (
+        1, 4, 2, 600, 600, 32, 32, 2, "shared",
+        {"rule": "top_k", "top_k": 3, "force_sink": False, "force_diagonal": False},
+    ),
+    "shared_single_query": (1, 4, 2, 1, 500, 64, 64, 2, "shared", {}),
+    "shared_tiers_block16_prefix": (1, 2, 2, 600, 1100, 16, 16, 2, "shared", {}),
 }  # fmt: skip
 
 
@@ -112,12 +122,16 @@ def test_fused_selection_matches_torch_path(case):
         (2, 4, 2, 300, 420, 32, 64, 3, "uniform"),
         (1, 6, 2, 1000, 1000, 16, 128, 1, "middle"),
         (1, 2, 2, 97, 97, 32, 16, 16, "ends"),  # every query of a block is a probe
+        (2, 4, 2, 300, 420, 32, 64, 2, "shared"),  # prefix, ragged last block
+        (1, 6, 2, 1000, 1000, 16, 128, 3, "shared"),
+        (1, 2, 1, 65, 65, 32, 64, 3, "shared"),  # a 1-row last block: 2 probes there
     ],
 )
 def test_fused_block_probs_match_float64_reference(b, hq, hkv, sq, sk, d, bs, probes, placement):
     q, k = _qk(b, hq, hkv, sq, sk, d)
     rows, w = probe_layout(sq, bs, probes, placement)
-    got = probe_block_probs_fused(q, k, rows, w, bs).double()
+    shared = shares_probes(placement, probes)
+    got = probe_block_probs_fused(q, k, rows, w, bs, shared=shared).double()
     want = naive_probe_probs(q, k, bs, probes, placement)
     torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-4)
     torch.testing.assert_close(got.sum(-1), torch.ones_like(got.sum(-1)), atol=1e-5, rtol=0)
@@ -232,6 +246,8 @@ GPU_CASES = [  # (B, Hq, Hkv, Sq, Sk, D, BS, P, placement, params)
     (1, 4, 2, 4097, 4097, 64, 64, 3, "uniform", {"dtype": torch.float16}),
     (1, 4, 1, 2000, 2000, 64, 128, 2, "ends", {"rule": "top_k", "top_k": 4}),  # fp32
     (1, 32, 8, 32768, 32768, 128, 128, 2, "ends", {"dtype": torch.bfloat16}),
+    (1, 32, 8, 8192, 8192, 128, 128, 2, "shared", {"dtype": torch.bfloat16}),
+    (1, 8, 2, 3000, 8192, 128, 128, 3, "shared", {"dtype": torch.bfloat16}),  # prefix
 ]
 
 
@@ -245,7 +261,7 @@ def test_gpu_fused_matches_torch_path(case):
     )
     # the mass estimate itself against the PyTorch path on the same inputs
     rows, w = probe_layout(sq, bs, probes, placement, q.device)
-    got = probe_block_probs_fused(q, k, rows, w, bs)
+    got = probe_block_probs_fused(q, k, rows, w, bs, shared=shares_probes(placement, probes))
     want = probe_block_probs(q, k, bs, probes, placement)
     torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-2)
     assert ProbeScorer(block_size=bs).resolve_impl(q, k) == "triton"

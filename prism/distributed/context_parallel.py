@@ -12,7 +12,8 @@ chunks ``r`` and ``2W - 1 - r`` of Q, K and V. :func:`context_parallel_attention
      selection, at the price of moving Q and K and scoring the whole sequence on every rank;
    * ``"rows"``: all-gather K only, score each local chunk against the keys before its end (a
      cached-prefix call of the scorer). Exact for *row-local* scorers, whose row ``i`` depends
-     only on query block ``i`` and the keys it may see: ``meanpool``, ``probe``, ``xattn``,
+     only on query block ``i`` and the keys it may see: ``meanpool``, ``probe`` (not its
+     ``shared`` placement, which reads block ``i − 1``'s last row: ``gather``), ``xattn``,
      ``window``, ``dense``, ``prism`` with ``calibrate=False`` and unions / intersections of
      these (:func:`scorer_is_row_local`); other scorers are refused;
    * ``"summaries"``: all-gather only the pooled block means (``meanpool``, ``prism``): k̄, plus
@@ -100,7 +101,9 @@ def scorer_is_row_local(scorer: Scorer) -> bool:
         return scorer.config.threshold >= 1.0 or all(
             scorer_is_row_local(c) for c in scorer.children
         )
-    return isinstance(scorer, (MeanPoolScorer, ProbeScorer, XAttnScorer, WindowScorer, DenseScorer))
+    if isinstance(scorer, ProbeScorer):  # ``shared`` reads the previous block's last row
+        return scorer.config.placement != "shared" or scorer.config.probes == 1
+    return isinstance(scorer, (MeanPoolScorer, XAttnScorer, WindowScorer, DenseScorer))
 
 
 def _data_independent(scorer: Scorer) -> bool:
@@ -125,9 +128,10 @@ def resolve_score_mode(scorer: Scorer, score_mode: str = "auto") -> str:
         return "rows" if scorer_is_row_local(scorer) else "gather"
     if score_mode == "rows" and not scorer_is_row_local(scorer):
         raise ValueError(
-            f"score_mode='rows' is exact only for row-local scorers (meanpool, probe, xattn, "
-            f"window, dense, prism with calibrate=False, and their unions); {scorer.name!r} with "
-            f"this config uses global statistics: use score_mode='gather' (or 'auto')"
+            f"score_mode='rows' is exact only for row-local scorers (meanpool, probe except "
+            f"placement='shared', xattn, window, dense, prism with calibrate=False, and their "
+            f"unions); {scorer.name!r} with this config reads rows or statistics outside the "
+            f"query block: use score_mode='gather' (or 'auto')"
         )
     if score_mode == "local" and not _data_independent(scorer):
         raise ValueError(

@@ -54,10 +54,11 @@ def auto_takes_fused(q: Tensor) -> bool:
     return q.is_cuda and triton_available()
 
 
-def config_key(config, scorer: str = "prism") -> str:
+def config_key(config, scorer: str) -> str:
     """The JSON key of a config of a scorer the fused Prism estimator runs (``prism``:
     :class:`prism.scorers.prism.PrismConfig`, ``meanpool``: its config): the scorer's name and
-    the config's fields."""
+    the config's fields. ``scorer`` is required: the op rebuilds the scorer by that name, so a
+    config keyed under the wrong name would run the wrong estimator."""
     return json.dumps({"scorer": scorer, **dataclasses.asdict(config)}, sort_keys=True)
 
 
@@ -111,11 +112,12 @@ def probe_select_lists_op(
     q: Tensor, k: Tensor, params: str
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The fused probe estimator's block lists (see the module docstring)."""
-    from .probe import probe_layout  # that module imports this one
+    from .probe import probe_layout, shares_probes  # that module imports this one
 
     kernel, probes, placement = _probe_params(params)
     rows, weights = probe_layout(q.shape[2], kernel.block_size, probes, placement, q.device)
-    return tuple(probe_select_block_lists(q, k, rows, weights, kernel))
+    shared = shares_probes(placement, probes)
+    return tuple(probe_select_block_lists(q, k, rows, weights, kernel, shared))
 
 
 @probe_select_lists_op.register_fake

@@ -8,7 +8,12 @@ offsets r inside the block given by ``placement``:
   (``r_t = round(t·(L−1)/(P'−1))``; P' = 1 is the last row);
 * ``middle``  — P' consecutive rows centred in the block (``(L−P')//2 …``);
 * ``uniform`` — the centres of P' equal slices (``r_t = floor((t+½)·L/P')``);
-* ``last``    — the last P' rows (FlexPrefill's probe position, per block).
+* ``last``    — the last P' rows (FlexPrefill's probe position, per block);
+* ``shared``  — ``ends`` over the span from the *previous* block's last row to this block's last
+  row (``r_t = round(t·L/(P'−1)) − 1``, P' = min(P, L + 1)): the first probe of block i is the
+  last probe of block i − 1, so the fused estimator computes P − 1 probe softmaxes per block,
+  not P (block 0 has no previous row and keeps its P' − 1 own probes; P = 1 is the last row).
+  With P = 2 it is first + last shifted one token back, at the cost of one probe.
 
 Probe query t (absolute position ``a = P_prefix + i·BS + r_t``, ``P_prefix = Sk − Sq``) gets the
 exact causal softmax of ``q_t · k / sqrt(D)`` over all keys ``c <= a`` of its KV head (GQA: query
@@ -43,7 +48,7 @@ from ._fused_ops import auto_takes_fused, probe_params_key
 from ._validate import check_int
 from .base import ProbScorerConfig, Scorer, register_scorer
 
-PLACEMENTS = ("ends", "middle", "uniform", "last")
+PLACEMENTS = ("ends", "middle", "uniform", "last", "shared")
 IMPLS = ("auto", "torch", "triton")
 
 
@@ -52,7 +57,8 @@ class ProbeConfig(ProbScorerConfig):
     """Probe-scorer knobs (plus the rule knobs of :class:`ProbScorerConfig`).
 
     probes: P, probe queries per query block, 1 <= P <= block_size (default 2).
-    placement: where the probes sit in the block: ``ends`` | ``middle`` | ``uniform`` | ``last``.
+    placement: where the probes sit in the block: ``ends`` | ``middle`` | ``uniform`` | ``last``
+        | ``shared`` (see the module docstring).
     chunk_mb: MiB of float32 scores per step of the PyTorch path (query blocks are processed in
         chunks of that size).
     impl: ``auto`` (the fused Triton estimator on CUDA where it supports the inputs, else
@@ -79,9 +85,16 @@ class ProbeConfig(ProbScorerConfig):
             )
 
 
-def probe_offsets(length: int, probes: int, placement: str) -> list[int]:
+def probe_offsets(length: int, probes: int, placement: str, has_prev: bool = True) -> list[int]:
     """Distinct row offsets (ascending, in ``[0, length)``) of ``min(probes, length)`` probes in a
-    query block of ``length`` rows."""
+    query block of ``length`` rows. ``shared`` is the exception: its offsets lie in
+    ``[-1, length)`` (-1 = the previous block's last row, present where ``has_prev``)."""
+    if placement == "shared":
+        if probes == 1:
+            return [length - 1]
+        n = min(probes, length + 1)
+        offs = [(2 * t * length + (n - 1)) // (2 * (n - 1)) - 1 for t in range(n)]
+        return offs if has_prev else offs[1:]
     n = min(probes, length)
     if placement == "ends":
         if n == 1:
@@ -98,6 +111,11 @@ def probe_offsets(length: int, probes: int, placement: str) -> list[int]:
     raise ValueError(f"unknown placement {placement!r}; valid placements: {list(PLACEMENTS)}")
 
 
+def shares_probes(placement: str, probes: int) -> bool:
+    """Whether the layout's slot 0 is the previous block's last probe (``shared``, P >= 2)."""
+    return placement == "shared" and probes > 1
+
+
 def probe_layout(
     sq: int, block_size: int, probes: int, placement: str, device=None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,8 +123,10 @@ def probe_layout(
 
     Returns ``rows`` int64 [NQB, P] (query-local row index of each probe slot) and ``weights``
     float32 [NQB, P] (1/P' on the block's P' distinct probes, 0 on the padding slots of a short
-    last block, which repeat its last probe row). Cached per (Sq, BS, P, placement, device):
-    the returned tensors are shared, do not modify them.
+    last block, which repeat its last probe row). ``shared`` (P >= 2): slot 0 of block i >= 1 is
+    row ``i·BS − 1``, the previous block's slot P − 1 (its last row); block 0's slot 0 repeats
+    its slot 1 with weight 0. Cached per (Sq, BS, P, placement, device): the returned tensors
+    are shared, do not modify them.
     """
     return _layout_cached(int(sq), int(block_size), int(probes), placement, str(device or "cpu"))
 
@@ -119,11 +139,15 @@ def _layout_cached(sq: int, block_size: int, probes: int, placement: str, device
     full = probe_offsets(block_size, probes, placement)
     for i in range(nqb):
         length = min(block_size, sq - i * block_size)
-        offs = full if length == block_size else probe_offsets(length, probes, placement)
+        if length == block_size and i > 0:
+            offs = full
+        else:
+            offs = probe_offsets(length, probes, placement, has_prev=i > 0)
         n = len(offs)
-        offs = offs + [offs[-1]] * (probes - n)
+        lead = int(len(offs) < probes and placement == "shared" and i == 0)  # the empty slot 0
+        offs = offs[:1] * lead + offs + [offs[-1]] * (probes - n - lead)
         rows[i] = torch.tensor(offs) + i * block_size
-        weights[i, :n] = 1.0 / n
+        weights[i, lead : lead + n] = 1.0 / n
     return rows.to(device), weights.to(device)
 
 
@@ -227,7 +251,8 @@ class ProbeScorer(Scorer):
             lists = torch.ops.prism.probe_select_lists(q, k, self.op_key)
         else:
             rows, weights = probe_layout(sq, c.block_size, c.probes, c.placement, q.device)
-            lists = probe_select_block_lists(q, k, rows, weights, self.kernel_params())
+            shared = shares_probes(c.placement, c.probes)
+            lists = probe_select_block_lists(q, k, rows, weights, self.kernel_params(), shared)
         return BlockSelection.from_lists(lists, sq, sk, c.block_size)
 
     def select_torch(self, q: torch.Tensor, k: torch.Tensor) -> BlockSelection:

@@ -280,14 +280,31 @@ def _log_mass_kstat_kernel(
 
 
 @triton.jit
+def _probe_probs(row, j, vis, w):
+    """``w`` x the base-2 softmax of one probe's log-masses over its visible KV blocks [R, N]
+    (0 where not visible; a row that sees nothing gives 0)."""
+    z = tl.load(row[:, None] + j[None, :], mask=vis, other=float("-inf"))
+    m = tl.max(z, 1)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    e = tl.exp2(z - m[:, None])
+    den = tl.sum(e, 1)
+    den = tl.where(den > 0.0, den, 1.0)
+    return e * (w / den)[:, None]
+
+
+@triton.jit
 def _probe_tile(
     lm_ptr, w_ptr, kv_num_ptr, kv_idx_ptr, full_num_ptr, full_idx_ptr,
     b, qt, gt, kvh, HQ, G, SQ, NQB, NKB, PREFIX, target,
     P: tl.constexpr, RULE: tl.constexpr, KEEP_ALL: tl.constexpr, FORCE_SINK: tl.constexpr,
     FORCE_DIAG: tl.constexpr, BS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_Q: tl.constexpr,
-    BLOCK_N: tl.constexpr, TUPLE_REDUCE: tl.constexpr,
+    BLOCK_N: tl.constexpr, TUPLE_REDUCE: tl.constexpr, SHARED: tl.constexpr,
 ):  # fmt: skip
-    """One tile of R = BLOCK_G x BLOCK_Q rows whose visible KV blocks fit in BLOCK_N."""
+    """One tile of R = BLOCK_G x BLOCK_Q rows whose visible KV blocks fit in BLOCK_N.
+
+    ``SHARED``: the weights rows hold P + 1 slots, slot 0 for the probe shared with the previous
+    query block (its last probe, launch 1's slot P - 1 of block i - 1; it sees the KV blocks up
+    to the one holding position ``PREFIX + i·BS - 1``), slots 1..P for the P own probes."""
     R: tl.constexpr = BLOCK_G * BLOCK_Q
     r, qi, row_ok, bh, j, nvis, vis, part = _tile_rows(
         b, qt, gt, kvh, HQ, G, SQ, NQB, NKB, PREFIX, BS, BLOCK_G, BLOCK_Q, BLOCK_N
@@ -297,17 +314,20 @@ def _probe_tile(
     if KEEP_ALL:
         sel = vis
     else:
+        W_STRIDE: tl.constexpr = P + SHARED
         prob = tl.zeros([R, BLOCK_N], dtype=tl.float32)
         for pp in tl.static_range(P):
-            w = tl.load(w_ptr + qi_c * P + pp, mask=row_ok, other=0.0)
+            w = tl.load(w_ptr + qi_c * W_STRIDE + pp + SHARED, mask=row_ok, other=0.0)
             row = lm_ptr + ((bh_c.to(tl.int64) * NQB + qi_c) * P + pp) * NKB
-            z = tl.load(row[:, None] + j[None, :], mask=vis, other=float("-inf"))
-            m = tl.max(z, 1)
-            m = tl.where(m == float("-inf"), 0.0, m)
-            e = tl.exp2(z - m[:, None])
-            den = tl.sum(e, 1)
-            den = tl.where(den > 0.0, den, 1.0)
-            prob += e * (w / den)[:, None]
+            prob += _probe_probs(row, j, vis, w)
+        if SHARED:
+            has_prev = row_ok & (qi > 0)
+            w = tl.load(w_ptr + qi_c * W_STRIDE, mask=has_prev, other=0.0)
+            q_prev = tl.where(has_prev, qi_c - 1, 0)
+            row = lm_ptr + ((bh_c.to(tl.int64) * NQB + q_prev) * P + P - 1) * NKB
+            last_prev = tl.where(has_prev, PREFIX + qi_c * BS - 1, 0) // BS
+            pvis = vis & has_prev[:, None] & (j[None, :] <= last_prev[:, None])
+            prob += _probe_probs(row, j, pvis, w)
         if RULE == 2:
             sel = vis & (prob >= target)
         else:
@@ -348,6 +368,7 @@ def _probe_select_kernel(
     BLOCK_N: tl.constexpr,
     TIERS: tl.constexpr,
     TUPLE_REDUCE: tl.constexpr,
+    SHARED: tl.constexpr,
 ):
     qt, gt, _, b, kvh = _program_tile(n_q_tiles, n_g_tiles, HKV)
     # causal tiers (as in the Prism select kernel): a tile whose rows see at most a quarter
@@ -360,27 +381,27 @@ def _probe_select_kernel(
             _probe_tile(
                 lm_ptr, w_ptr, kv_num_ptr, kv_idx_ptr, full_num_ptr, full_idx_ptr,
                 b, qt, gt, kvh, HQ, G, SQ, NQB, NKB, PREFIX, target,
-                P, RULE, KEEP_ALL, FORCE_SINK, FORCE_DIAG, BS, BLOCK_G, BLOCK_Q, N4, TUPLE_REDUCE,
+                P, RULE, KEEP_ALL, FORCE_SINK, FORCE_DIAG, BS, BLOCK_G, BLOCK_Q, N4, TUPLE_REDUCE, SHARED,
             )  # fmt: skip
         elif tile_nvis <= N2:
             _probe_tile(
                 lm_ptr, w_ptr, kv_num_ptr, kv_idx_ptr, full_num_ptr, full_idx_ptr,
                 b, qt, gt, kvh, HQ, G, SQ, NQB, NKB, PREFIX, target,
-                P, RULE, KEEP_ALL, FORCE_SINK, FORCE_DIAG, BS, BLOCK_G, BLOCK_Q, N2, TUPLE_REDUCE,
+                P, RULE, KEEP_ALL, FORCE_SINK, FORCE_DIAG, BS, BLOCK_G, BLOCK_Q, N2, TUPLE_REDUCE, SHARED,
             )  # fmt: skip
         else:
             _probe_tile(
                 lm_ptr, w_ptr, kv_num_ptr, kv_idx_ptr, full_num_ptr, full_idx_ptr,
                 b, qt, gt, kvh, HQ, G, SQ, NQB, NKB, PREFIX, target,
                 P, RULE, KEEP_ALL, FORCE_SINK, FORCE_DIAG, BS, BLOCK_G, BLOCK_Q, BLOCK_N,
-                TUPLE_REDUCE,
+                TUPLE_REDUCE, SHARED,
             )  # fmt: skip
     else:
         _probe_tile(
             lm_ptr, w_ptr, kv_num_ptr, kv_idx_ptr, full_num_ptr, full_idx_ptr,
             b, qt, gt, kvh, HQ, G, SQ, NQB, NKB, PREFIX, target,
             P, RULE, KEEP_ALL, FORCE_SINK, FORCE_DIAG, BS, BLOCK_G, BLOCK_Q, BLOCK_N,
-            TUPLE_REDUCE,
+            TUPLE_REDUCE, SHARED,
         )  # fmt: skip
 
 
@@ -471,9 +492,21 @@ def launch_log_masses(
 
 
 def launch_select(
-    lm, weights, sq: int, sk: int, hkv: int, params, rows_per_program: int = 4, num_warps=None
+    lm,
+    weights,
+    sq: int,
+    sk: int,
+    hkv: int,
+    params,
+    rows_per_program: int = 4,
+    num_warps=None,
+    shared: bool = False,
 ):
     """Launch 2: the four block lists from launch 1's log-masses and the probe weights.
+
+    ``shared``: the ``shared`` probe placement — ``lm`` holds each block's P own probes (launch 1
+    on slots 1..P of the layout) and ``weights`` is the whole ``[NQB, P + 1]`` layout, slot 0
+    being the previous block's last probe, read from its row of ``lm`` (not computed twice).
 
     Default launch: ``rows_per_program`` 4 rows (the GQA group first when G is a power of two,
     else one head per row group: no idle row slots), one warp per 1024 register slots of the
@@ -504,6 +537,11 @@ def launch_select(
     n_g_tiles = math.ceil(g / block_g)
     dev = lm.device
     weights = weights.to(device=dev, dtype=torch.float32).contiguous()
+    if weights.shape != (nqb, p + int(shared)):
+        raise ValueError(
+            f"weights must be [NQB={nqb}, {p + int(shared)}] for {p} launch-1 probes"
+            f"{' + the shared one' if shared else ''}, got {tuple(weights.shape)}"
+        )
     kv_num = torch.empty(b, hq, nqb, device=dev, dtype=torch.int32)
     full_num = torch.empty(b, hq, nqb, device=dev, dtype=torch.int32)
     kv_idx = torch.empty(b, hq, nqb, nkb, device=dev, dtype=torch.int32)
@@ -536,6 +574,7 @@ def launch_select(
         BLOCK_N=block_n,
         TIERS=block_n >= 128,
         TUPLE_REDUCE=dev.type != "cpu",
+        SHARED=bool(shared),
         num_warps=warps,
     )
     return kv_num, kv_idx, full_num, full_idx

@@ -129,17 +129,27 @@ def probe_block_probs_fused(
     rows: torch.Tensor,
     weights: torch.Tensor,
     block_size: int,
+    shared: bool = False,
 ) -> torch.Tensor:
     """The probes' block-mass estimate float32 ``[B, Hq, NQB, NKB]`` from launch 1 (plus a
     PyTorch normalisation; for tests and studies — :func:`probe_select_block_lists` never
-    materialises it)."""
-    lm = probe_block_log_masses(q, k, rows, block_size)
+    materialises it). ``shared`` as there: launch 1 runs on slots 1.. only and slot 0 of block i
+    is block i − 1's last probe."""
     sq, sk = q.shape[2], k.shape[2]
+    own = rows[:, 1:].contiguous() if shared else rows
+    lm = probe_block_log_masses(q, k, own, block_size)
     nqb, nkb = lm.shape[2], lm.shape[4]
     i = torch.arange(nqb, device=q.device)
     last = (sk - sq) + torch.clamp((i + 1) * block_size, max=sq) - 1
-    vis = torch.arange(nkb, device=q.device)[None, :] <= (last // block_size)[:, None]
+    cols = torch.arange(nkb, device=q.device)[None, :]
+    vis = cols <= (last // block_size)[:, None]
     lm = lm.masked_fill(~vis[:, None, :], float("-inf"))
+    if shared:  # block i's slot 0: block i - 1's last probe (block 0: any finite row, weight 0)
+        prev = torch.cat([lm[:, :, :1, 0], lm[:, :, :-1, -1]], dim=2)  # [B, Hq, NQB, NKB]
+        seen = cols <= ((sk - sq + i * block_size - 1) // block_size)[:, None]
+        seen[0] = cols[0] == 0
+        prev = prev.masked_fill(~seen, float("-inf"))
+        lm = torch.cat([prev[:, :, :, None], lm], dim=3)
     p = torch.softmax(lm * math.log(2.0), dim=-1)  # [B, Hq, NQB, P, NKB]
     return (p * weights.to(p.device, torch.float32)[:, :, None]).sum(3)
 
@@ -150,13 +160,17 @@ def probe_select_block_lists(
     rows: torch.Tensor,
     weights: torch.Tensor,
     params: ProbeKernelParams,
+    shared: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The probe selection of ``q [B, Hq, Sq, D]``, ``k [B, Hkv, Sk, D]`` as BlockMask lists.
 
     ``rows`` int [NQB, P] / ``weights`` float32 [NQB, P]: the probe layout
-    (``prism.scorers.probe.probe_layout``, on q's device). Returns ``(kv_num, kv_idx, full_num,
-    full_idx)`` int32 ``[B, Hq, NQB]`` / ``[B, Hq, NQB, NKB]``, laid out as
-    ``prism.masks.bool_to_block_lists`` (selected blocks ascending, then the unselected ones).
+    (``prism.scorers.probe.probe_layout``, on q's device). ``shared`` (the ``shared`` placement,
+    P >= 2): slot 0 of block i >= 1 is row ``i·BS − 1``, block i − 1's last slot, so launch 1
+    runs on slots 1..P − 1 only and launch 2 reads that row's log-masses again (P − 1 probe
+    softmaxes per block instead of P). Returns ``(kv_num, kv_idx, full_num, full_idx)`` int32
+    ``[B, Hq, NQB]`` / ``[B, Hq, NQB, NKB]``, laid out as ``prism.masks.bool_to_block_lists``
+    (selected blocks ascending, then the unselected ones).
     """
     if not isinstance(params, ProbeKernelParams):
         raise TypeError(f"params must be ProbeKernelParams, got {type(params).__name__}")
@@ -166,5 +180,7 @@ def probe_select_block_lists(
     _check_layout(rows, weights, nqb, q.shape[2], bs)
     from .probe_kernels import launch_log_masses, launch_select
 
-    lm = launch_log_masses(q, k, rows, bs)
-    return launch_select(lm, weights, q.shape[2], k.shape[2], k.shape[1], params)
+    if shared and rows.shape[1] < 2:
+        raise ValueError("shared=True needs at least 2 probe slots (slot 0 is the shared one)")
+    lm = launch_log_masses(q, k, rows[:, 1:].contiguous() if shared else rows, bs)
+    return launch_select(lm, weights, q.shape[2], k.shape[2], k.shape[1], params, shared=shared)

@@ -31,7 +31,8 @@ the row max, where ``F = 0``; ``lo`` starts at -1, below every value, or for top
 ``(1 - p) / (2 nvis)``, which is provably invalid too since ``F(t) >= 1 - nvis t``). The search
 stops when ``hi = lo + 1`` or when at most one probability lies in ``(lo, hi]`` (that value ``v``
 has ``F(v) = F(hi) < p``: it is kept); the kept set is then ``{prob > lo}``. Each round is one
-fused (count, mass) row reduction; 5-20 rounds per row instead of a sort + cumsum.
+fused (count, mass) row reduction (top-k: the count only, and a row stops as soon as exactly
+k values lie above ``lo``); 5-20 rounds per row instead of a sort + cumsum.
 
 *Ties*: blocks with exactly equal probability are kept or dropped together. ``masks.select.top_p``
 orders equal values by ascending KV block index (a stable sort) and may keep only the first of a
@@ -212,6 +213,17 @@ def _band_probs(acc, scale, vis):
 
 
 @triton.jit
+def _search_active(lo, hi, n_lo, n_hi, target, RULE: tl.constexpr):
+    """Rows whose kept set ``{prob > lo}`` is not settled yet: more than one value in
+    ``(lo, hi]`` and room to bisect; for top-k also ``count(prob > lo) != k`` (exactly k values
+    above ``lo`` are the k largest, every smaller one has ``F >= k``: the set is final)."""
+    active = ((n_lo - n_hi) > 1) & ((hi - lo) > 1)
+    if RULE == 1:
+        active = active & (n_lo.to(tl.float32) != target)
+    return active
+
+
+@triton.jit
 def _threshold_keep(prob, vis, nvis, target, RULE: tl.constexpr, TUPLE_REDUCE: tl.constexpr):
     """The top-p (``RULE`` 0: mass) / top-k (1: count) set of each row by bisection on the int32
     bit pattern of the threshold (see the module docstring: rule and ties)."""
@@ -229,27 +241,26 @@ def _threshold_keep(prob, vis, nvis, target, RULE: tl.constexpr, TUPLE_REDUCE: t
         lo = tl.where(use_t0, t0.to(tl.int32, bitcast=True), lo)
     n_hi = hi * 0  # count(prob > hi)
     n_lo = nvis  # count(prob > lo) among the visible blocks
-    active = ((n_lo - n_hi) > 1) & ((hi - lo) > 1)
+    active = _search_active(lo, hi, n_lo, n_hi, target, RULE)
     go = tl.max(active.to(tl.int32), 0) > 0
     while go:
         mid = lo + (hi - lo) // 2
         above = prob.to(tl.int32, bitcast=True) > mid[:, None]
-        if TUPLE_REDUCE:  # one shuffle tree for both sums
-            n_mid, mass = tl.reduce((above.to(tl.int32), tl.where(above, prob, 0.0)), 1, _add2)
+        if RULE == 1:  # top-k needs the count only
+            n_mid = tl.sum(above.to(tl.int32), 1)
+            val = n_mid.to(tl.float32)
+        elif TUPLE_REDUCE:  # one shuffle tree for both sums
+            n_mid, val = tl.reduce((above.to(tl.int32), tl.where(above, prob, 0.0)), 1, _add2)
         else:  # (the interpreter runs a tuple reduce element by element in Python)
             n_mid = tl.sum(above.to(tl.int32), 1)
-            mass = tl.sum(tl.where(above, prob, 0.0), 1)
-        if RULE == 1:
-            val = n_mid.to(tl.float32)
-        else:
-            val = mass
+            val = tl.sum(tl.where(above, prob, 0.0), 1)
         up_hi = active & (val < target)
         up_lo = active & (val >= target)
         hi = tl.where(up_hi, mid, hi)
         n_hi = tl.where(up_hi, n_mid, n_hi)
         lo = tl.where(up_lo, mid, lo)
         n_lo = tl.where(up_lo, n_mid, n_lo)
-        active = ((n_lo - n_hi) > 1) & ((hi - lo) > 1)
+        active = _search_active(lo, hi, n_lo, n_hi, target, RULE)
         go = tl.max(active.to(tl.int32), 0) > 0
     return vis & (prob.to(tl.int32, bitcast=True) > lo[:, None])
 
