@@ -110,6 +110,7 @@ LAUNCH1_CONFIGS = (
         for bm, nw, ns, kb in itertools.product((64, 128), (4, 8), (2, 3), (1, 2))
     ]
     + [("k", 64, 4, 1, 2), ("k", 64, 4, 4, 2), ("k", 64, 4, 4, 1)]
+    + [("k", 32, 4, 3, 2), ("k", 32, 2, 3, 2), ("k", 32, 2, 3, 1), ("k", 32, 2, 2, 2)]
 )
 
 
@@ -121,7 +122,7 @@ def sweep(opt: Options) -> list[dict]:
         q, k = synth_qk(1, HQ, HKV, s, D, 0, torch.bfloat16)
         rows, w = probe_layout(s, 128, opt.probes, opt.placement, q.device)
         shared = shares_probes(opt.placement, opt.probes)
-        if shared:
+        if shared:  # launch 1 computes the own probes only (slots 1..P-1)
             rows = rows[:, 1:].contiguous()
         want = launch_log_masses(q, k, rows, 128, schedule="q")
         nb = want.shape[2]  # Sq = Sk: query block i sees KV blocks 0..i (launch 2 reads these)
@@ -181,16 +182,17 @@ def time_one(opt: Options, s: int) -> dict:
     fused = ProbeScorer(impl="triton", **cfg)
     rows, w = probe_layout(s, 128, opt.probes, opt.placement, q.device)
     shared = shares_probes(opt.placement, opt.probes)
-    if shared:  # launch 1 computes the own probes only (slots 1..P-1)
-        rows = rows[:, 1:].contiguous()
+    first = int(shared)  # shared: launch 1 computes the own probes only (slots 1..P-1)
     params = fused.kernel_params()
     sel = fused.select(q, k)
-    row = dict(length=s, placement=opt.placement, launch1_probes=rows.shape[1])
+    row = dict(length=s, placement=opt.placement, launch1_probes=rows.shape[1] - first)
     row["density"] = round(sel.mask.float().mean().item(), 4)
     row["probe_fused_ms"] = bench(lambda: fused.select(q, k).lists)
-    lm = launch_log_masses(q, k, rows, 128)
-    row["launch1_ms"] = bench(lambda: launch_log_masses(q, k, rows, 128))
-    row["launch1_qsched_ms"] = bench(lambda: launch_log_masses(q, k, rows, 128, schedule="q"))
+    lm = launch_log_masses(q, k, rows, 128, first_slot=first)
+    row["launch1_ms"] = bench(lambda: launch_log_masses(q, k, rows, 128, first_slot=first))
+    row["launch1_qsched_ms"] = bench(
+        lambda: launch_log_masses(q, k, rows, 128, schedule="q", first_slot=first)
+    )
     row["launch2_ms"] = bench(lambda: launch_select(lm, w, s, s, HKV, params, shared=shared))
     row["probe_fused_peak_mb"] = round(peak_extra_mb(lambda: fused.select(q, k).lists)[0], 1)
     if s <= opt.torch_max:

@@ -51,8 +51,12 @@ CASES = {
     "prism_nocal_rows_allgather": dict(
         scorer={"scorer": "prism", "threshold": 0.5, "calibrate": False, "impl": "torch"},
         S=1000, BS=32, shape=(2, 4, 2, 16), kv="allgather", score="rows"),
-    "probe_rows_fetch": dict(scorer={"scorer": "probe", "threshold": 0.5, "impl": "torch"},
+    "probe_rows_fetch": dict(scorer={"scorer": "probe", "threshold": 0.5, "impl": "torch",
+                                     "placement": "ends"},
                              S=1000, BS=32, shape=(2, 4, 2, 16), kv="fetch", score="auto"),
+    # the default (shared) placement is not row-local: auto gathers
+    "probe_shared_gather_fetch": dict(scorer={"scorer": "probe", "threshold": 0.5, "impl": "torch"},
+                                      S=1000, BS=32, shape=(2, 4, 2, 16), kv="fetch", score="auto"),
     "xattn_rows_fetch_4097": dict(scorer={"scorer": "xattn", "threshold": 0.5}, S=4097, BS=32,
                                   shape=(2, 2, 1, 16), kv="fetch", score="auto"),
     "flexprefill_gather_fetch": dict(

@@ -39,7 +39,7 @@ SHAPES = [  # (Sq, Sk, BS)
 def test_default_probe_matches_reference(sq, sk, bs):
     q, k, _ = make(sq, sk)
     sel = prism.build_scorer("probe", block_size=bs, threshold=0.9)(q, k)
-    ref = naive_probe(q, k, bs=bs, probes=2, placement="ends", p=0.9)
+    ref = naive_probe(q, k, bs=bs, probes=2, placement="shared", p=0.9)
     assert sel.mask.shape == ref.shape
     assert torch.equal(sel.mask, ref)
     if sk >= 1000:  # real sparsity, not a trivially full selection
@@ -126,7 +126,7 @@ def _causal(sq, sk):
 @pytest.mark.parametrize("sq,sk,bs", [(1000, 1000, 64), (300, 1000, 128), (513, 777, 64)])
 def test_every_query_as_probe_is_the_exact_block_mass(sq, sk, bs):
     q, k, _ = make(sq, sk, d=32, seed=6)
-    s = prism.build_scorer("probe", block_size=bs, probes=bs, threshold=0.9)
+    s = prism.build_scorer("probe", block_size=bs, probes=bs, placement="ends", threshold=0.9)
     probs = s.block_probs(q, k)
     mass = block_attention_mass(q, k, bs)
     lengths = block_lengths(sq, bs)
@@ -151,7 +151,7 @@ def test_two_probes_recall_close_to_the_exact_mass_on_structured_input():
 
 def test_rules_top_k_and_min_prob_on_the_probe_probs():
     q, k, _ = make(700, 1500, d=32, seed=8)
-    ref_probs = naive_probe_probs(q, k, 64, 2, "ends").float()
+    ref_probs = naive_probe_probs(q, k, 64, 2, "shared").float()  # the default placement
     visible, partial = block_causal(700, 1500, 64)
     s = prism.build_scorer("probe", block_size=64, rule="top_k", top_k=3)
     want = top_k(ref_probs, visible, 3) | partial
@@ -169,7 +169,7 @@ def test_no_forced_blocks_when_disabled():
         "probe", threshold=0.6, force_sink=False, force_diagonal=False, block_size=64
     )(q, k)
     ref = naive_probe(
-        q, k, bs=64, p=0.6, probes=2, placement="ends", force_sink=False, force_diagonal=False
+        q, k, bs=64, p=0.6, probes=2, placement="shared", force_sink=False, force_diagonal=False
     )
     assert torch.equal(sel.mask, ref)
 

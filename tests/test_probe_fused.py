@@ -203,6 +203,25 @@ def test_schedule_arguments_are_checked():
         launch_log_masses(q, k, rows, 32, schedule="x")
     with pytest.raises(ValueError, match="kv_chunk"):
         launch_log_masses(q, k, rows, 32, schedule="k", kv_chunk=3)
+    with pytest.raises(ValueError, match="first_slot"):
+        launch_log_masses(q, k, rows, 32, first_slot=2)
+
+
+@needs_interpreter
+def test_first_slot_reads_the_layout_in_place():
+    """``first_slot=1`` (the shared layout) gives exactly launch 1 on a copy of slots 1.."""
+    from prism.kernels.estimation.probe_kernels import launch_log_masses
+
+    q, k = _qk(1, 4, 2, 300, 420, 32)
+    rows, _ = probe_layout(300, 64, 3, "shared")
+    for sched in ("q", "k"):
+        got = launch_log_masses(q, k, rows, 64, schedule=sched, first_slot=1)
+        want = launch_log_masses(q, k, rows[:, 1:].contiguous(), 64, schedule=sched)
+        assert got.shape[3] == 2
+        got, want = _visible_entries(got, 300, 420, 64), _visible_entries(want, 300, 420, 64)
+        fin = torch.isfinite(want)
+        assert torch.equal(fin, torch.isfinite(got)) and fin.any()
+        assert torch.equal(got[fin], want[fin])
 
 
 def test_kernel_params_and_bad_input():

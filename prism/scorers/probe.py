@@ -21,8 +21,8 @@ head h uses KV head h // G; the probes are viewed as ``[B, Hkv, G·rows, D]``, K
 repeated), in float32. Its probabilities are summed into the NKB key blocks and the P' probes of
 the block are averaged, giving block probabilities ``[B, Hq, NQB, NKB]`` whose rows sum to 1
 (the mass estimate of that query block). Then the standard rule (``top_p`` by default) and the
-forced sink / diagonal blocks. With ``probes >= BS`` every query is a probe and the estimate is
-the exact block mass divided by the block's query count.
+forced sink / diagonal blocks. With ``probes >= BS`` and ``ends`` every query is a probe and the
+estimate is the exact block mass divided by the block's query count.
 
 Memory: the scores of one chunk of query blocks, ``[B, Hq, blocks·P, Sk]`` float32, with as many
 blocks per chunk as fit in ``chunk_mb`` MiB (at least one block) — never ``[Sq, Sk]``; each
@@ -67,7 +67,7 @@ class ProbeConfig(ProbScorerConfig):
     """
 
     probes: int = 2
-    placement: str = "ends"
+    placement: str = "shared"
     chunk_mb: int = 256
     impl: str = "auto"
 
@@ -156,7 +156,7 @@ def probe_block_probs(
     k: torch.Tensor,
     block_size: int,
     probes: int,
-    placement: str = "ends",
+    placement: str = "shared",
     chunk_mb: int = 256,
 ) -> torch.Tensor:
     """Probe estimate of the block attention mass: float32 [B, Hq, NQB, NKB], rows sum to 1.

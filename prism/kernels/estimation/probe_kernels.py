@@ -86,7 +86,7 @@ def _block_log_mass(qt, k_base, cols, col_ok, offs_d, d_ok, apos, sks, skd, qk_s
 
 @triton.jit
 def _tile_probe_rows(q_ptr, rows_ptr, out_ptr, t, b, kvh, sqb, sqh, sqs, sqd, offs_d, d_ok,
-                     HQ, G, P, NQB, NKB, PREFIX, QB: tl.constexpr,
+                     HQ, G, P, SROW, NQB, NKB, PREFIX, QB: tl.constexpr,
                      BLOCK_M: tl.constexpr):  # fmt: skip
     """Query tile ``t`` of KV head (b, kvh): its ``BLOCK_M`` rows are (query block, GQA head,
     probe) triples. Returns (row valid [M], the probe queries [M, BLOCK_D], their absolute
@@ -99,7 +99,7 @@ def _tile_probe_rows(q_ptr, rows_ptr, out_ptr, t, b, kvh, sqb, sqh, sqs, sqd, of
     qi = t * QB + il
     ok = (il < QB) & (qi < NQB)
     qi = tl.where(ok, qi, 0)
-    qrow = tl.load(rows_ptr + qi * P + p, mask=ok, other=0)
+    qrow = tl.load(rows_ptr + qi * SROW + p, mask=ok, other=0)
     h = kvh * G + g
     q_rows = q_ptr + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + qrow.to(tl.int64) * sqs
     qt = tl.load(
@@ -127,6 +127,7 @@ def _log_mass_kernel(
     HKV,
     G,
     P,
+    SROW,
     D,
     SQ,
     SK,
@@ -150,7 +151,7 @@ def _log_mass_kernel(
     d_ok = offs_d < D
     ok, qt, apos, out_rows = _tile_probe_rows(
         q_ptr, rows_ptr, out_ptr, t, b, kvh, sqb, sqh, sqs, sqd, offs_d, d_ok,
-        HQ, G, P, NQB, NKB, PREFIX, QB, BLOCK_M,
+        HQ, G, P, SROW, NQB, NKB, PREFIX, QB, BLOCK_M,
     )  # fmt: skip
     k_base = k_ptr + b.to(tl.int64) * skb + kvh.to(tl.int64) * skh
 
@@ -180,7 +181,7 @@ def _log_mass_kernel(
 
 @triton.jit
 def _kstat_tile(q_ptr, rows_ptr, out_ptr, t, b, kvh, sqb, sqh, sqs, sqd, offs_d, d_ok, kt0, kt1,
-                cols0, ok0, cols1, ok1, j0, j1, HQ, G, P, NQB, NKB, PREFIX, qk_scale,
+                cols0, ok0, cols1, ok1, j0, j1, HQ, G, P, SROW, NQB, NKB, PREFIX, qk_scale,
                 QB: tl.constexpr, KB: tl.constexpr, BLOCK_M: tl.constexpr,
                 CAUSAL: tl.constexpr, IS_F32: tl.constexpr):  # fmt: skip
     """Query tile ``t`` against the program's ``KB`` KV blocks (j0, j1): their log-masses stored.
@@ -188,7 +189,7 @@ def _kstat_tile(q_ptr, rows_ptr, out_ptr, t, b, kvh, sqb, sqh, sqs, sqd, offs_d,
     is masked everywhere), so only there does that store need the ``j1 < NKB`` test."""
     ok, qt, apos, out_rows = _tile_probe_rows(
         q_ptr, rows_ptr, out_ptr, t, b, kvh, sqb, sqh, sqs, sqd, offs_d, d_ok,
-        HQ, G, P, NQB, NKB, PREFIX, QB, BLOCK_M,
+        HQ, G, P, SROW, NQB, NKB, PREFIX, QB, BLOCK_M,
     )  # fmt: skip
     tl.store(out_rows + j0, _log_mass_of(qt, kt0, cols0, ok0, apos, qk_scale, CAUSAL, IS_F32),
              mask=ok)  # fmt: skip
@@ -218,6 +219,7 @@ def _log_mass_kstat_kernel(
     HKV,
     G,
     P,
+    SROW,
     D,
     SQ,
     SK,
@@ -268,13 +270,13 @@ def _log_mass_kstat_kernel(
     for t in range(t_start, t_full):
         _kstat_tile(
             q_ptr, rows_ptr, out_ptr, t, b, kvh, sqb, sqh, sqs, sqd, offs_d, d_ok, kt0, kt1,
-            cols0, ok0, cols1, ok1, j0, j1, HQ, G, P, NQB, NKB, PREFIX, qk_scale,
+            cols0, ok0, cols1, ok1, j0, j1, HQ, G, P, SROW, NQB, NKB, PREFIX, qk_scale,
             QB, KB, BLOCK_M, True, IS_F32,
         )  # fmt: skip
     for t in range(t_full, n_tiles):
         _kstat_tile(
             q_ptr, rows_ptr, out_ptr, t, b, kvh, sqb, sqh, sqs, sqd, offs_d, d_ok, kt0, kt1,
-            cols0, ok0, cols1, ok1, j0, j1, HQ, G, P, NQB, NKB, PREFIX, qk_scale,
+            cols0, ok0, cols1, ok1, j0, j1, HQ, G, P, SROW, NQB, NKB, PREFIX, qk_scale,
             QB, KB, BLOCK_M, False, IS_F32,
         )  # fmt: skip
 
@@ -325,8 +327,9 @@ def _probe_tile(
             w = tl.load(w_ptr + qi_c * W_STRIDE, mask=has_prev, other=0.0)
             q_prev = tl.where(has_prev, qi_c - 1, 0)
             row = lm_ptr + ((bh_c.to(tl.int64) * NQB + q_prev) * P + P - 1) * NKB
-            last_prev = tl.where(has_prev, PREFIX + qi_c * BS - 1, 0) // BS
-            pvis = vis & has_prev[:, None] & (j[None, :] <= last_prev[:, None])
+            # the last KV block the shared probe sees (-1: none); never past the row's own
+            last_prev = tl.where(has_prev, (PREFIX + qi_c * BS - 1) // BS, -1)
+            pvis = j[None, :] <= last_prev[:, None]
             prob += _probe_probs(row, j, pvis, w)
         if RULE == 2:
             sel = vis & (prob >= target)
@@ -419,8 +422,11 @@ def launch_log_masses(
     num_stages=None,
     schedule: str = "k",
     kv_chunk: int = 2,
+    first_slot: int = 0,
 ):
-    """Launch 1 (shapes already checked by :mod:`.probe_op`): float32 [B, Hq, NQB, P, NKB].
+    """Launch 1 (shapes already checked by :mod:`.probe_op`): float32 [B, Hq, NQB, P, NKB] for
+    the probe slots ``rows[:, first_slot:]`` (P of them; the ``shared`` layout skips slot 0
+    with ``first_slot=1``, read in place, no copy).
 
     ``schedule="k"`` (default, :func:`_log_mass_kstat_kernel`): a program per chunk of
     ``kv_chunk`` (1 or 2) KV blocks holds them and walks the query tiles that see them;
@@ -435,13 +441,18 @@ def launch_log_masses(
         raise ValueError(f"unknown schedule {schedule!r}; valid: {list(SCHEDULES)}")
     if kv_chunk not in (1, 2):
         raise ValueError(f"kv_chunk must be 1 or 2, got {kv_chunk}")
+    if not 0 <= first_slot < rows.shape[1]:
+        raise ValueError(f"first_slot must be in [0, {rows.shape[1]}), got {first_slot}")
     b, hq, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
     g = hq // hkv
     bs = int(block_size)
-    p = rows.shape[1]
     nqb, nkb = math.ceil(sq / bs), math.ceil(sk / bs)
-    rows = rows.to(device=q.device, dtype=torch.int32).contiguous()
+    rows = rows.to(device=q.device, dtype=torch.int32)
+    if rows.stride(1) != 1:
+        rows = rows.contiguous()
+    rows = rows[:, first_slot:]  # a view: the kernels step rows by their stride
+    p = rows.shape[1]
     gp = g * p
     block_m = max(16, _next_pow2(gp), _next_pow2(block_m or 64))
     qb = block_m // gp
@@ -464,6 +475,7 @@ def launch_log_masses(
         hkv,
         g,
         p,
+        rows.stride(0),
         d,
         sq,
         sk,

@@ -105,8 +105,10 @@ def probe_block_log_masses(
     *,
     block_m: int | None = None,
     num_warps: int | None = None,
+    first_slot: int = 0,
 ) -> torch.Tensor:
-    """Launch 1: float32 ``[B, Hq, NQB, P, NKB]`` base-2 block log-masses of the probes.
+    """Launch 1: float32 ``[B, Hq, NQB, P, NKB]`` base-2 block log-masses of the probes
+    (of the slots ``rows[:, first_slot:]``).
 
     q [B, Hq, Sq, D], k [B, Hkv, Sk, D] (any strides); rows int [NQB, P] query-local probe rows
     (``prism.scorers.probe.probe_layout``). Entry (b, h, i, p, j) is
@@ -120,7 +122,9 @@ def probe_block_log_masses(
     b, hq, sq, d = q.shape
     nqb = math.ceil(sq / block_size)
     _check_layout(rows, rows, nqb, sq, block_size)
-    return launch_log_masses(q, k, rows, block_size, block_m=block_m, num_warps=num_warps)
+    return launch_log_masses(
+        q, k, rows, block_size, block_m=block_m, num_warps=num_warps, first_slot=first_slot
+    )
 
 
 def probe_block_probs_fused(
@@ -136,8 +140,7 @@ def probe_block_probs_fused(
     materialises it). ``shared`` as there: launch 1 runs on slots 1.. only and slot 0 of block i
     is block i − 1's last probe."""
     sq, sk = q.shape[2], k.shape[2]
-    own = rows[:, 1:].contiguous() if shared else rows
-    lm = probe_block_log_masses(q, k, own, block_size)
+    lm = probe_block_log_masses(q, k, rows, block_size, first_slot=int(shared))
     nqb, nkb = lm.shape[2], lm.shape[4]
     i = torch.arange(nqb, device=q.device)
     last = (sk - sq) + torch.clamp((i + 1) * block_size, max=sq) - 1
@@ -182,5 +185,5 @@ def probe_select_block_lists(
 
     if shared and rows.shape[1] < 2:
         raise ValueError("shared=True needs at least 2 probe slots (slot 0 is the shared one)")
-    lm = launch_log_masses(q, k, rows[:, 1:].contiguous() if shared else rows, bs)
+    lm = launch_log_masses(q, k, rows, bs, first_slot=int(shared))
     return launch_select(lm, weights, q.shape[2], k.shape[2], k.shape[1], params, shared=shared)
