@@ -13,7 +13,9 @@ offsets r inside the block given by ``placement``:
   row (``r_t = round(t·L/(P'−1)) − 1``, P' = min(P, L + 1)): the first probe of block i is the
   last probe of block i − 1, so the fused estimator computes P − 1 probe softmaxes per block,
   not P (block 0 has no previous row and keeps its P' − 1 own probes; P = 1 is the last row).
-  With P = 2 it is first + last shifted one token back, at the cost of one probe.
+  With P = 2 it is first + last shifted one token back, at the cost of one probe. A call with a
+  cached prefix (chunked pre-fill) has no previous query row for its first block, which then
+  uses its P − 1 own probes: estimates differ slightly from one whole-prompt call there.
 
 Probe query t (absolute position ``a = P_prefix + i·BS + r_t``, ``P_prefix = Sk − Sq``) gets the
 exact causal softmax of ``q_t · k / sqrt(D)`` over all keys ``c <= a`` of its KV head (GQA: query
