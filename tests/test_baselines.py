@@ -429,14 +429,14 @@ def test_bench_estimators_smoke(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     rows = (tmp_path / "smoke.csv").read_text().strip().splitlines()
     header, body = rows[0].split(","), [line.split(",") for line in rows[1:]]
-    assert header == ["length", "name", "time_ms", "extra_mb", "density", "note"]
-    names = {row[1] for row in body}
+    # the script runs every case and writes its tables; what it measured (times, memory) is the
+    # benchmark's business and is not read here, only the names and the selected densities
+    name_col, density_col = header.index("name"), header.index("density")
+    names = {row[name_col] for row in body}
     assert {"prism", "meanpool", "xattn", "flexprefill", "minference", "sdpa_dense"} <= names
     for row in body:
-        # every case ran and selected something (its times are the benchmark's business: not
-        # looked at here)
         assert len(row) == len(header), row
-        assert 0.0 < float(row[4]) <= 1.0, row
+        assert 0.0 < float(row[density_col]) <= 1.0, row
     md = (tmp_path / "smoke.md").read_text()
-    assert "| xattn |" in md and "Estimation time" in md
+    assert "| xattn |" in md
     assert "bench_estimators.py" in (tmp_path / "smoke_cmd.txt").read_text()
