@@ -94,6 +94,7 @@ def no_search_tile(
     BLOCK_G: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, KC: tl.constexpr,
     DOT_PREC: tl.constexpr, TUPLE_REDUCE: tl.constexpr, EVEN_K: tl.constexpr,
     ONE_BAND: tl.constexpr,  # ignored: the variants always score both bands
+    QUAD: tl.constexpr = False,  # ignored: the bisection
 ):
     _variant_tile(
         qbar_ptr, kbarT_ptr, kv_num_ptr, kv_idx_ptr, full_num_ptr, full_idx_ptr,
@@ -115,6 +116,7 @@ def counts_only_tile(
     BLOCK_G: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, KC: tl.constexpr,
     DOT_PREC: tl.constexpr, TUPLE_REDUCE: tl.constexpr, EVEN_K: tl.constexpr,
     ONE_BAND: tl.constexpr,  # ignored: the variants always score both bands
+    QUAD: tl.constexpr = False,  # ignored: the bisection
 ):
     _variant_tile(
         qbar_ptr, kbarT_ptr, kv_num_ptr, kv_idx_ptr, full_num_ptr, full_idx_ptr,
@@ -136,6 +138,7 @@ def logits_only_tile(
     BLOCK_G: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, KC: tl.constexpr,
     DOT_PREC: tl.constexpr, TUPLE_REDUCE: tl.constexpr, EVEN_K: tl.constexpr,
     ONE_BAND: tl.constexpr,  # ignored: the variants always score both bands
+    QUAD: tl.constexpr = False,  # ignored: the bisection
 ):
     _variant_tile(
         qbar_ptr, kbarT_ptr, kv_num_ptr, kv_idx_ptr, full_num_ptr, full_idx_ptr,

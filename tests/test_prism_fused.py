@@ -196,6 +196,30 @@ def test_threshold_search_ties_are_kept_together():
     assert top_p(probs, visible[3], a + 0.5 * b).tolist() == [True, True, False, False]
 
 
+@needs_interpreter
+@pytest.mark.parametrize(
+    "name", ["tiers3_block16", "tiers2_block32_prefix_topk", "top_k", "no_forced", "group3"]
+)
+def test_quartering_search_keeps_the_bisection_set(name):
+    """``SelectConfig(search="quad")`` (three thresholds a round) gives the bisection's lists."""
+    from prism.kernels.estimation import SelectConfig, prism_select_block_lists
+    from prism.kernels.estimation.select import pick_select_config
+
+    q, k, params = _inputs(name)
+    scorer = prism.build_scorer("prism", impl="triton", **params)
+    kp = scorer.kernel_params(q.shape[-1])
+    bs = scorer.config.block_size
+    if name in LAUNCH:
+        base = SelectConfig(**LAUNCH[name])
+    else:
+        base = pick_select_config(q.shape[1] // k.shape[1], -(-k.shape[2] // bs), "cpu")
+    want = prism_select_block_lists(q, k, kp, base)
+    got = prism_select_block_lists(q, k, kp, dataclasses.replace(base, search="quad"))
+    for a, b in zip(want, got):
+        assert torch.equal(a, b)
+    assert 1.0 < (want[0] + want[2]).float().mean() < 0.9 * -(-k.shape[2] // bs)
+
+
 # -- the impl knob -------------------------------------------------------------------------------
 def test_impl_torch_and_auto_on_cpu_take_the_torch_path():
     q, k, _ = synthetic_qkv(batch=1, q_heads=4, kv_heads=2, length=600, head_dim=64)

@@ -302,3 +302,46 @@ def test_select_rows_per_program_must_be_a_power_of_two():
     w = torch.full((2, 2), 0.5)
     with pytest.raises(ValueError, match="power of two"):
         launch_select(lm, w, 64, 64, 1, ProbeKernelParams(block_size=32), rows_per_program=6)
+
+
+def _search_cases():
+    """(lm, weights, Sq, Sk, Hkv, params, shared): ragged, prefix, ties, top-k, top-p."""
+    g = torch.Generator().manual_seed(7)
+    out = []
+    for (b, hq, hkv, sq, sk, bs, p, shared), rule in [
+        ((1, 4, 2, 1000, 1000, 32, 2, False), dict(rule="top_p", threshold=0.9)),
+        ((2, 3, 1, 777, 1200, 32, 1, True), dict(rule="top_p", threshold=0.97)),
+        ((1, 2, 2, 1024, 1024, 16, 2, False), dict(rule="top_k", top_k=7)),
+        ((1, 2, 1, 513, 513, 16, 1, True), dict(rule="top_k", top_k=1, force_sink=False)),
+        ((1, 2, 1, 640, 640, 32, 2, False), dict(rule="top_p", threshold=0.5)),
+    ]:
+        nqb, nkb = -(-sq // bs), -(-sk // bs)
+        lm = torch.randn(b, hq, nqb, p, nkb, generator=g) * 6
+        if rule["rule"] == "top_k":  # ties: many equal log-masses
+            lm = lm.round()
+        w = torch.full((nqb, p + int(shared)), 1.0 / (p + int(shared)))
+        out.append((lm, w, sq, sk, hkv, ProbeKernelParams(block_size=bs, **rule), shared))
+    return out
+
+
+@needs_interpreter
+@pytest.mark.parametrize("case", range(5))
+def test_quartering_search_keeps_the_bisection_set(case):
+    """The three-threshold search (``search="quad"``) returns exactly the bisection's lists."""
+    from prism.kernels.estimation.probe_kernels import launch_select
+
+    lm, w, sq, sk, hkv, params, shared = _search_cases()[case]
+    want = launch_select(lm, w, sq, sk, hkv, params, shared=shared)
+    got = launch_select(lm, w, sq, sk, hkv, params, shared=shared, search="quad")
+    for a, b in zip(want, got):
+        assert torch.equal(a, b)
+    assert (want[0] + want[2]).float().mean() > 1.5  # a real selection, not all / nothing
+
+
+def test_unknown_search_is_refused():
+    from prism.kernels.estimation.probe_kernels import launch_select
+
+    lm = torch.zeros(1, 3, 2, 2, 2)
+    w = torch.full((2, 2), 0.5)
+    with pytest.raises(ValueError, match="bisect"):
+        launch_select(lm, w, 64, 64, 1, ProbeKernelParams(block_size=32), search="ternary")

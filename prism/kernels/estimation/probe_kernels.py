@@ -36,9 +36,11 @@ from .select import (
     _forced_clip,
     _program_tile,
     _threshold_keep,
+    _threshold_keep_quad,
     _tile_nvis,
     _tile_rows,
     _write_lists,
+    pick_search,
 )
 
 LOG2E = 1.4426950408889634
@@ -301,6 +303,7 @@ def _probe_tile(
     P: tl.constexpr, RULE: tl.constexpr, KEEP_ALL: tl.constexpr, FORCE_SINK: tl.constexpr,
     FORCE_DIAG: tl.constexpr, BS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_Q: tl.constexpr,
     BLOCK_N: tl.constexpr, TUPLE_REDUCE: tl.constexpr, SHARED: tl.constexpr,
+    QUAD: tl.constexpr,
 ):  # fmt: skip
     """One tile of R = BLOCK_G x BLOCK_Q rows whose visible KV blocks fit in BLOCK_N.
 
@@ -333,6 +336,8 @@ def _probe_tile(
             prob += _probe_probs(row, j, pvis, w)
         if RULE == 2:
             sel = vis & (prob >= target)
+        elif QUAD:
+            sel = _threshold_keep_quad(prob, vis, nvis, target, RULE, TUPLE_REDUCE)
         else:
             sel = _threshold_keep(prob, vis, nvis, target, RULE, TUPLE_REDUCE)
     sel = _forced_clip(sel, j, vis, part, FORCE_SINK, FORCE_DIAG)
@@ -372,6 +377,7 @@ def _probe_select_kernel(
     TIERS: tl.constexpr,
     TUPLE_REDUCE: tl.constexpr,
     SHARED: tl.constexpr,
+    QUAD: tl.constexpr,
 ):
     qt, gt, _, b, kvh = _program_tile(n_q_tiles, n_g_tiles, HKV)
     # causal tiers (as in the Prism select kernel): a tile whose rows see at most a quarter
@@ -384,27 +390,27 @@ def _probe_select_kernel(
             _probe_tile(
                 lm_ptr, w_ptr, kv_num_ptr, kv_idx_ptr, full_num_ptr, full_idx_ptr,
                 b, qt, gt, kvh, HQ, G, SQ, NQB, NKB, PREFIX, target,
-                P, RULE, KEEP_ALL, FORCE_SINK, FORCE_DIAG, BS, BLOCK_G, BLOCK_Q, N4, TUPLE_REDUCE, SHARED,
+                P, RULE, KEEP_ALL, FORCE_SINK, FORCE_DIAG, BS, BLOCK_G, BLOCK_Q, N4, TUPLE_REDUCE, SHARED, QUAD,
             )  # fmt: skip
         elif tile_nvis <= N2:
             _probe_tile(
                 lm_ptr, w_ptr, kv_num_ptr, kv_idx_ptr, full_num_ptr, full_idx_ptr,
                 b, qt, gt, kvh, HQ, G, SQ, NQB, NKB, PREFIX, target,
-                P, RULE, KEEP_ALL, FORCE_SINK, FORCE_DIAG, BS, BLOCK_G, BLOCK_Q, N2, TUPLE_REDUCE, SHARED,
+                P, RULE, KEEP_ALL, FORCE_SINK, FORCE_DIAG, BS, BLOCK_G, BLOCK_Q, N2, TUPLE_REDUCE, SHARED, QUAD,
             )  # fmt: skip
         else:
             _probe_tile(
                 lm_ptr, w_ptr, kv_num_ptr, kv_idx_ptr, full_num_ptr, full_idx_ptr,
                 b, qt, gt, kvh, HQ, G, SQ, NQB, NKB, PREFIX, target,
                 P, RULE, KEEP_ALL, FORCE_SINK, FORCE_DIAG, BS, BLOCK_G, BLOCK_Q, BLOCK_N,
-                TUPLE_REDUCE, SHARED,
+                TUPLE_REDUCE, SHARED, QUAD,
             )  # fmt: skip
     else:
         _probe_tile(
             lm_ptr, w_ptr, kv_num_ptr, kv_idx_ptr, full_num_ptr, full_idx_ptr,
             b, qt, gt, kvh, HQ, G, SQ, NQB, NKB, PREFIX, target,
             P, RULE, KEEP_ALL, FORCE_SINK, FORCE_DIAG, BS, BLOCK_G, BLOCK_Q, BLOCK_N,
-            TUPLE_REDUCE, SHARED,
+            TUPLE_REDUCE, SHARED, QUAD,
         )  # fmt: skip
 
 
@@ -510,9 +516,11 @@ def launch_select(
     sk: int,
     hkv: int,
     params,
-    rows_per_program: int = 4,
+    rows_per_program: int | None = None,
     num_warps=None,
     shared: bool = False,
+    search: str = "auto",
+    return_kernel: bool = False,
 ):
     """Launch 2: the four block lists from launch 1's log-masses and the probe weights.
 
@@ -520,11 +528,19 @@ def launch_select(
     on slots 1..P of the layout) and ``weights`` is the whole ``[NQB, P + 1]`` layout, slot 0
     being the previous block's last probe, read from its row of ``lm`` (not computed twice).
 
-    Default launch: ``rows_per_program`` 4 rows (the GQA group first when G is a power of two,
-    else one head per row group: no idle row slots), one warp per 1024 register slots of the
-    [rows, BLOCK_N] tile (2 to 16) — the fastest of the sweep in
-    ``benchmarks/results/probe_estimator_sweep_h200.log`` at 128K tokens (0.32 ms vs 0.78 ms for
-    16 rows).
+    Default launch: one row (query head, query block) per program and one warp per 512 KV blocks
+    of the row (1 to 16 warps) — the fastest of the CUDA-graph-timed sweep in
+    ``benchmarks/results/select_search_s8c_h200.md`` (H200, Hq = 32, Hkv = 8, shared P = 2):
+    0.0106 / 0.0255 / 0.284 ms at 8K / 32K / 128K vs 0.0126 / 0.0507 / 0.464 ms for the former
+    4 rows x 4 warps. With ``rows_per_program`` R > 1 (the GQA group first when G is a power of
+    two, else one head per row group): one warp per 1024 register slots of the [R, BLOCK_N]
+    tile (2 to 16). The warp count changes the order of the row sums, so a row whose top-p
+    boundary sits within rounding can differ between launch shapes (1 of 32,768 rows at 128K).
+
+    ``search``: ``"bisect"`` (one threshold a round), ``"quad"`` (three: the bracket quartered,
+    :func:`.select._threshold_keep_quad`) or ``"auto"`` (:func:`.select.pick_search`); the same
+    lists. ``return_kernel=True`` also returns Triton's compiled-kernel handle (``n_regs``,
+    ``n_spills``).
     """
     b, hq, nqb, p, nkb = lm.shape
     g = hq // hkv
@@ -537,12 +553,17 @@ def launch_select(
         target, keep_all = float(int(params.top_k)), False
     else:
         target, keep_all = float(params.min_prob), False
+    if rows_per_program is None:
+        rows_per_program = 1
     if rows_per_program < 1 or _next_pow2(rows_per_program) != rows_per_program:
         raise ValueError(f"rows_per_program must be a power of two, got {rows_per_program}")
     block_n = max(16, _next_pow2(nkb))
     block_g = min(_next_pow2(g), rows_per_program) if _next_pow2(g) == g else 1
     block_q = max(1, rows_per_program // block_g)
-    warps = max(2, min(16, _next_pow2(max(1, block_g * block_q * block_n // 1024))))
+    if block_g * block_q == 1:
+        warps = max(1, min(16, _next_pow2(max(1, block_n // 512))))
+    else:
+        warps = max(2, min(16, _next_pow2(max(1, block_g * block_q * block_n // 1024))))
     if num_warps is not None:
         warps = int(num_warps)
     n_q_tiles = math.ceil(nqb / block_q)
@@ -558,7 +579,7 @@ def launch_select(
     full_num = torch.empty(b, hq, nqb, device=dev, dtype=torch.int32)
     kv_idx = torch.empty(b, hq, nqb, nkb, device=dev, dtype=torch.int32)
     full_idx = torch.empty(b, hq, nqb, nkb, device=dev, dtype=torch.int32)
-    _probe_select_kernel[(n_q_tiles * n_g_tiles * b * hkv,)](
+    kernel = _probe_select_kernel[(n_q_tiles * n_g_tiles * b * hkv,)](
         lm,
         weights,
         kv_num,
@@ -587,6 +608,8 @@ def launch_select(
         TIERS=block_n >= 128,
         TUPLE_REDUCE=dev.type != "cpu",
         SHARED=bool(shared),
+        QUAD=pick_search(search, rule, block_n) == "quad",
         num_warps=warps,
     )
-    return kv_num, kv_idx, full_num, full_idx
+    lists = (kv_num, kv_idx, full_num, full_idx)
+    return (lists, kernel) if return_kernel else lists

@@ -32,7 +32,10 @@ the row max, where ``F = 0``; ``lo`` starts at -1, below every value, or for top
 stops when ``hi = lo + 1`` or when at most one probability lies in ``(lo, hi]`` (that value ``v``
 has ``F(v) = F(hi) < p``: it is kept); the kept set is then ``{prob > lo}``. Each round is one
 fused (count, mass) row reduction (top-k: the count only, and a row stops as soon as exactly
-k values lie above ``lo``); 5-20 rounds per row instead of a sort + cumsum.
+k values lie above ``lo``); 5-20 rounds per row instead of a sort + cumsum. ``search="quad"``
+(:func:`_threshold_keep_quad`) tests three thresholds per round (one tuple reduction, two counts
+packed per int32): half the rounds for more registers per row, hence the same kept set; the
+``"auto"`` default (:func:`pick_search`) takes it for top-k and for short rows.
 
 *Ties*: blocks with exactly equal probability are kept or dropped together. ``masks.select.top_p``
 orders equal values by ascending KV block index (a stable sort) and may keep only the first of a
@@ -224,10 +227,9 @@ def _search_active(lo, hi, n_lo, n_hi, target, RULE: tl.constexpr):
 
 
 @triton.jit
-def _threshold_keep(prob, vis, nvis, target, RULE: tl.constexpr, TUPLE_REDUCE: tl.constexpr):
-    """The top-p (``RULE`` 0: mass) / top-k (1: count) set of each row by bisection on the int32
-    bit pattern of the threshold (see the module docstring: rule and ties)."""
-    # Invisible entries hold +0.0 (bits 0) and every probe ``mid`` is >= 0, so they are never
+def _search_start(prob, nvis, target, RULE: tl.constexpr):
+    """The search's first bracket per row: ``(lo, hi, n_lo, n_hi, active, go)``."""
+    # Invisible entries hold +0.0 (bits 0) and every probe threshold is >= 0, so they are never
     # counted; the final set is clipped to ``vis``.
     hi = tl.max(prob.to(tl.int32, bitcast=True), 1) + 1  # F(hi) = 0 < target: valid
     lo = hi * 0 - 1  # below every value: F(lo) = total mass >= target
@@ -243,6 +245,14 @@ def _threshold_keep(prob, vis, nvis, target, RULE: tl.constexpr, TUPLE_REDUCE: t
     n_lo = nvis  # count(prob > lo) among the visible blocks
     active = _search_active(lo, hi, n_lo, n_hi, target, RULE)
     go = tl.max(active.to(tl.int32), 0) > 0
+    return lo, hi, n_lo, n_hi, active, go
+
+
+@triton.jit
+def _threshold_keep(prob, vis, nvis, target, RULE: tl.constexpr, TUPLE_REDUCE: tl.constexpr):
+    """The top-p (``RULE`` 0: mass) / top-k (1: count) set of each row by bisection on the int32
+    bit pattern of the threshold (see the module docstring: rule and ties)."""
+    lo, hi, n_lo, n_hi, active, go = _search_start(prob, nvis, target, RULE)
     while go:
         mid = lo + (hi - lo) // 2
         above = prob.to(tl.int32, bitcast=True) > mid[:, None]
@@ -266,6 +276,69 @@ def _threshold_keep(prob, vis, nvis, target, RULE: tl.constexpr, TUPLE_REDUCE: t
 
 
 @triton.jit
+def _add5(a0, a1, a2, a3, a4, b0, b1, b2, b3, b4):
+    return a0 + b0, a1 + b1, a2 + b2, a3 + b3, a4 + b4
+
+
+@triton.jit
+def _quarter_sums(bits, prob, m1, m2, m3, RULE: tl.constexpr, TUPLE_REDUCE: tl.constexpr):
+    """count(prob > m_i) and the rule's value F(m_i) (mass; top-k: the count) at three probe
+    thresholds per row. Two counts share an int32 (16 bits each: BLOCK_N < 65536)."""
+    a1 = bits > m1[:, None]
+    a2 = bits > m2[:, None]
+    a3 = bits > m3[:, None]
+    c12 = a1.to(tl.int32) + (a2.to(tl.int32) << 16)
+    c3 = a3.to(tl.int32)
+    if RULE == 1:
+        if TUPLE_REDUCE:
+            s12, n3 = tl.reduce((c12, c3), 1, _add2)
+        else:
+            s12, n3 = tl.sum(c12, 1), tl.sum(c3, 1)
+        n1, n2 = s12 & 65535, s12 >> 16
+        v1, v2, v3 = n1.to(tl.float32), n2.to(tl.float32), n3.to(tl.float32)
+    else:
+        w1 = tl.where(a1, prob, 0.0)
+        w2 = tl.where(a2, prob, 0.0)
+        w3 = tl.where(a3, prob, 0.0)
+        if TUPLE_REDUCE:
+            s12, n3, v1, v2, v3 = tl.reduce((c12, c3, w1, w2, w3), 1, _add5)
+        else:
+            s12, n3 = tl.sum(c12, 1), tl.sum(c3, 1)
+            v1, v2, v3 = tl.sum(w1, 1), tl.sum(w2, 1), tl.sum(w3, 1)
+        n1, n2 = s12 & 65535, s12 >> 16
+    return n1, n2, n3, v1, v2, v3
+
+
+@triton.jit
+def _threshold_keep_quad(prob, vis, nvis, target, RULE: tl.constexpr,
+                         TUPLE_REDUCE: tl.constexpr):  # fmt: skip
+    """:func:`_threshold_keep` with three thresholds per round (the bracket quartered: two bits
+    per row reduction instead of one). Same invariant, same stop rules, hence the same kept set
+    (F is monotone in the threshold for any fixed summation order)."""
+    bits = prob.to(tl.int32, bitcast=True)
+    lo, hi, n_lo, n_hi, active, go = _search_start(prob, nvis, target, RULE)
+    while go:
+        m2 = lo + (hi - lo) // 2  # lo < m1 <= m2 <= m3 < hi while hi - lo >= 2
+        m1 = lo + tl.maximum((m2 - lo) // 2, 1)
+        m3 = m2 + (hi - m2) // 2
+        n1, n2, n3, v1, v2, v3 = _quarter_sums(bits, prob, m1, m2, m3, RULE, TUPLE_REDUCE)
+        ok1 = v1 >= target  # F is non-increasing: ok1 >= ok2 >= ok3
+        ok2 = v2 >= target
+        ok3 = v3 >= target
+        new_lo = tl.where(ok3, m3, tl.where(ok2, m2, tl.where(ok1, m1, lo)))
+        new_nlo = tl.where(ok3, n3, tl.where(ok2, n2, tl.where(ok1, n1, n_lo)))
+        new_hi = tl.where(ok3, hi, tl.where(ok2, m3, tl.where(ok1, m2, m1)))
+        new_nhi = tl.where(ok3, n_hi, tl.where(ok2, n3, tl.where(ok1, n2, n1)))
+        lo = tl.where(active, new_lo, lo)
+        n_lo = tl.where(active, new_nlo, n_lo)
+        hi = tl.where(active, new_hi, hi)
+        n_hi = tl.where(active, new_nhi, n_hi)
+        active = _search_active(lo, hi, n_lo, n_hi, target, RULE)
+        go = tl.max(active.to(tl.int32), 0) > 0
+    return vis & (bits > lo[:, None])
+
+
+@triton.jit
 def _band_keep(
     acc,
     scale,
@@ -275,14 +348,18 @@ def _band_keep(
     RULE: tl.constexpr,
     KEEP_ALL: tl.constexpr,
     TUPLE_REDUCE: tl.constexpr,
+    QUAD: tl.constexpr = False,
 ):
-    """Softmax of ``acc * scale`` per row, then the rule's kept set (bool [R, BLOCK_N])."""
+    """Softmax of ``acc * scale`` per row, then the rule's kept set (bool [R, BLOCK_N]);
+    ``QUAD``: by :func:`_threshold_keep_quad` (the same set)."""
     if KEEP_ALL:
         keep = vis
     else:
         prob = _band_probs(acc, scale, vis)
         if RULE == 2:
             keep = vis & (prob >= target)
+        elif QUAD:
+            keep = _threshold_keep_quad(prob, vis, nvis, target, RULE, TUPLE_REDUCE)
         else:
             keep = _threshold_keep(prob, vis, nvis, target, RULE, TUPLE_REDUCE)
     return keep
@@ -391,6 +468,7 @@ def _select_tile(
     TUPLE_REDUCE: tl.constexpr,
     EVEN_K: tl.constexpr,
     ONE_BAND: tl.constexpr,
+    QUAD: tl.constexpr = False,
 ):
     """The production tile body: R = BLOCK_G * BLOCK_Q rows, BLOCK_N >= their visible KV blocks.
 
@@ -405,13 +483,13 @@ def _select_tile(
         qrow_ptr, row_ok, kT_ptr, NKB_P, HI_SEG0, HI_SEG1, HI_SEG_LEN,
         N_SEGS, R, BLOCK_N, KC, DOT_PREC, EVEN_K,
     )  # fmt: skip
-    sel = _band_keep(acc, scale_hi, vis, nvis, tgt_hi, RULE, ALL_HI, TUPLE_REDUCE)
+    sel = _band_keep(acc, scale_hi, vis, nvis, tgt_hi, RULE, ALL_HI, TUPLE_REDUCE, QUAD)
     if not ONE_BAND:  # ONE_BAND: the low band is the high band (same dims, target, scale)
         acc = _band_logits(
             qrow_ptr, row_ok, kT_ptr, NKB_P, LO_SEG0, LO_SEG1, LO_SEG_LEN,
             N_SEGS, R, BLOCK_N, KC, DOT_PREC, EVEN_K,
         )  # fmt: skip
-        sel = sel | _band_keep(acc, scale_lo, vis, nvis, tgt_lo, RULE, ALL_LO, TUPLE_REDUCE)
+        sel = sel | _band_keep(acc, scale_lo, vis, nvis, tgt_lo, RULE, ALL_LO, TUPLE_REDUCE, QUAD)
     sel = _forced_clip(sel, j, vis, part, FORCE_SINK, FORCE_DIAG)
     _write_lists(
         sel, part, r, j, bh, qi, row_ok, kv_num_ptr, kv_idx_ptr, full_num_ptr, full_idx_ptr,
@@ -478,6 +556,7 @@ def _select_kernel(
     EVEN_K: tl.constexpr,
     ONE_BAND: tl.constexpr,
     TILE: tl.constexpr,
+    QUAD: tl.constexpr,
 ):
     R: tl.constexpr = BLOCK_G * BLOCK_Q
     qt, gt, bkv, b, kvh = _program_tile(n_q_tiles, n_g_tiles, HKV)
@@ -522,7 +601,7 @@ def _select_kernel(
                 HQ, G, SQ, NQB, NKB, NKB_P, D, PREFIX,
                 HI_SEG0, HI_SEG1, HI_SEG_LEN, LO_SEG0, LO_SEG1, LO_SEG_LEN, tgt_hi, tgt_lo,
                 N_SEGS, RULE, ALL_HI, ALL_LO, FORCE_SINK, FORCE_DIAG,
-                BS, BLOCK_G, BLOCK_Q, N4, KC, DOT_PREC, TUPLE_REDUCE, EVEN_K, ONE_BAND,
+                BS, BLOCK_G, BLOCK_Q, N4, KC, DOT_PREC, TUPLE_REDUCE, EVEN_K, ONE_BAND, QUAD,
             )  # fmt: skip
         elif tile_nvis <= N2:
             TILE(
@@ -531,7 +610,7 @@ def _select_kernel(
                 HQ, G, SQ, NQB, NKB, NKB_P, D, PREFIX,
                 HI_SEG0, HI_SEG1, HI_SEG_LEN, LO_SEG0, LO_SEG1, LO_SEG_LEN, tgt_hi, tgt_lo,
                 N_SEGS, RULE, ALL_HI, ALL_LO, FORCE_SINK, FORCE_DIAG,
-                BS, BLOCK_G, BLOCK_Q, N2, KC, DOT_PREC, TUPLE_REDUCE, EVEN_K, ONE_BAND,
+                BS, BLOCK_G, BLOCK_Q, N2, KC, DOT_PREC, TUPLE_REDUCE, EVEN_K, ONE_BAND, QUAD,
             )  # fmt: skip
         else:
             TILE(
@@ -540,7 +619,7 @@ def _select_kernel(
                 HQ, G, SQ, NQB, NKB, NKB_P, D, PREFIX,
                 HI_SEG0, HI_SEG1, HI_SEG_LEN, LO_SEG0, LO_SEG1, LO_SEG_LEN, tgt_hi, tgt_lo,
                 N_SEGS, RULE, ALL_HI, ALL_LO, FORCE_SINK, FORCE_DIAG,
-                BS, BLOCK_G, BLOCK_Q, BLOCK_N, KC, DOT_PREC, TUPLE_REDUCE, EVEN_K, ONE_BAND,
+                BS, BLOCK_G, BLOCK_Q, BLOCK_N, KC, DOT_PREC, TUPLE_REDUCE, EVEN_K, ONE_BAND, QUAD,
             )  # fmt: skip
     elif TIERS >= 2 and N2 >= 16:
         if tile_nvis <= N2:
@@ -550,7 +629,7 @@ def _select_kernel(
                 HQ, G, SQ, NQB, NKB, NKB_P, D, PREFIX,
                 HI_SEG0, HI_SEG1, HI_SEG_LEN, LO_SEG0, LO_SEG1, LO_SEG_LEN, tgt_hi, tgt_lo,
                 N_SEGS, RULE, ALL_HI, ALL_LO, FORCE_SINK, FORCE_DIAG,
-                BS, BLOCK_G, BLOCK_Q, N2, KC, DOT_PREC, TUPLE_REDUCE, EVEN_K, ONE_BAND,
+                BS, BLOCK_G, BLOCK_Q, N2, KC, DOT_PREC, TUPLE_REDUCE, EVEN_K, ONE_BAND, QUAD,
             )  # fmt: skip
         else:
             TILE(
@@ -559,7 +638,7 @@ def _select_kernel(
                 HQ, G, SQ, NQB, NKB, NKB_P, D, PREFIX,
                 HI_SEG0, HI_SEG1, HI_SEG_LEN, LO_SEG0, LO_SEG1, LO_SEG_LEN, tgt_hi, tgt_lo,
                 N_SEGS, RULE, ALL_HI, ALL_LO, FORCE_SINK, FORCE_DIAG,
-                BS, BLOCK_G, BLOCK_Q, BLOCK_N, KC, DOT_PREC, TUPLE_REDUCE, EVEN_K, ONE_BAND,
+                BS, BLOCK_G, BLOCK_Q, BLOCK_N, KC, DOT_PREC, TUPLE_REDUCE, EVEN_K, ONE_BAND, QUAD,
             )  # fmt: skip
     else:
         TILE(
@@ -568,7 +647,7 @@ def _select_kernel(
             HQ, G, SQ, NQB, NKB, NKB_P, D, PREFIX,
             HI_SEG0, HI_SEG1, HI_SEG_LEN, LO_SEG0, LO_SEG1, LO_SEG_LEN, tgt_hi, tgt_lo,
             N_SEGS, RULE, ALL_HI, ALL_LO, FORCE_SINK, FORCE_DIAG,
-            BS, BLOCK_G, BLOCK_Q, BLOCK_N, KC, DOT_PREC, TUPLE_REDUCE, EVEN_K, ONE_BAND,
+            BS, BLOCK_G, BLOCK_Q, BLOCK_N, KC, DOT_PREC, TUPLE_REDUCE, EVEN_K, ONE_BAND, QUAD,
         )  # fmt: skip
 
 
@@ -579,7 +658,9 @@ def _select_kernel(
 class SelectConfig:
     """Launch shape of the select kernel: rows per program ``BLOCK_G * BLOCK_Q`` (>= 16 for
     ``tl.dot``), ``num_warps``, dot K-chunk ``kc``, dot precision (``"ieee"`` = exact fp32,
-    ``"tf32x3"``), ``num_stages`` and the number of causal tiers (1-3)."""
+    ``"tf32x3"``), ``num_stages``, the number of causal tiers (1-3) and the threshold ``search``:
+    ``"bisect"`` (one threshold per row reduction), ``"quad"`` (three, :func:`_threshold_keep_quad`;
+    the same set) or ``"auto"`` (:func:`pick_search`)."""
 
     block_g: int
     block_q: int
@@ -588,6 +669,24 @@ class SelectConfig:
     dot_prec: str = "ieee"
     num_stages: int = 1
     tiers: int = 1
+    search: str = "auto"
+
+
+SEARCHES = ("auto", "bisect", "quad")
+
+
+def pick_search(search: str, rule: int, block_n: int) -> str:
+    """The threshold search a select launch runs: ``"auto"`` takes ``"quad"`` for top-k (rule 1)
+    and for rows of at most 128 KV blocks (<= 16K tokens at BS = 128), ``"bisect"`` otherwise —
+    the faster of the two in ``benchmarks/results/select_search_s8a_h200.log`` (H200, Hq = 32,
+    Hkv = 8): quad is 2.7-3.1x faster for the Prism / mean-pool select at 8K (one wave of
+    latency-bound programs: half the rounds), 4 % faster for mean-pool top-k at 128K, and 4-6 %
+    slower for top-p at 32K-128K (more registers per row, fewer programs per SM)."""
+    if search not in SEARCHES:
+        raise ValueError(f"unknown search {search!r}; valid: {list(SEARCHES)}")
+    if search != "auto":
+        return search
+    return "quad" if rule == 1 or block_n <= 128 else "bisect"
 
 
 def pick_select_config(
@@ -695,6 +794,7 @@ def select_from_pooled(
         EVEN_K=(pl.hi_seg[2] % launch.kc == 0) and (pl.lo_seg[2] % launch.kc == 0),
         ONE_BAND=bool(pl.one_band),
         TILE=_select_tile if tile is None else tile,
+        QUAD=pick_search(launch.search, pl.rule, pl.nkb_p) == "quad",
         num_warps=launch.num_warps,
         num_stages=launch.num_stages,
     )
