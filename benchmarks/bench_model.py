@@ -225,7 +225,10 @@ def policy_kwargs(name: str, length: int, cfg: Defaults) -> dict | None:
         kw.update(knobs)
         return kw
     if name.startswith("cfg:"):  # a YAML policy file (e.g. from prism.calibrate), cfg:PATH or
-        path, _, extra = name.split(":", 1)[1].partition(":")  # cfg:PATH:key=val+key=val
+        body = name.split(":", 1)[1]  # cfg:PATH or cfg:PATH:key=val+key=val
+        path, sep, extra = body.rpartition(":")
+        if not sep or "=" not in extra:  # no overrides (PATH itself may hold a ':')
+            path, extra = body, ""
         kw["config"] = path
         kw.update(_knobs(extra.split("+")))  # keywords override the file (patch_model)
         return kw

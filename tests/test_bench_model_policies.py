@@ -70,3 +70,23 @@ def test_topk_policy_sizes_k_with_the_policy_block_size(bench):
     assert kw64["block_size"] == 64
     assert kw64["top_k"] == bench.topk_for_density(math.ceil(131072 / 64), 0.2)
     assert kw64["top_k"] > kw128["top_k"]
+
+
+@pytest.mark.parametrize(
+    "name,path,extra",
+    [
+        ("cfg:p.yaml", "p.yaml", {}),
+        ("cfg:p.yaml:placement=shared", "p.yaml", {"placement": "shared"}),
+        ("cfg:C:/x/p.yaml", "C:/x/p.yaml", {}),  # a ':' inside the path
+        (
+            "cfg:C:/x/p.yaml:probes=4+placement=ends",
+            "C:/x/p.yaml",
+            {"probes": 4, "placement": "ends"},
+        ),
+    ],
+)
+def test_cfg_policy_splits_path_and_overrides(bench, name, path, extra):
+    kw = bench.policy_kwargs(name, 8192, bench.Defaults())
+    assert kw["config"] == path
+    assert {k: v for k, v in kw.items() if k in extra} == extra
+    assert not set(extra) - set(kw)

@@ -213,7 +213,7 @@ def test_quartering_search_keeps_the_bisection_set(name):
         base = SelectConfig(**LAUNCH[name])
     else:
         base = pick_select_config(q.shape[1] // k.shape[1], -(-k.shape[2] // bs), "cpu")
-    want = prism_select_block_lists(q, k, kp, base)
+    want = prism_select_block_lists(q, k, kp, dataclasses.replace(base, search="bisect"))
     got = prism_select_block_lists(q, k, kp, dataclasses.replace(base, search="quad"))
     for a, b in zip(want, got):
         assert torch.equal(a, b)

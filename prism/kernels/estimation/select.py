@@ -283,7 +283,7 @@ def _add5(a0, a1, a2, a3, a4, b0, b1, b2, b3, b4):
 @triton.jit
 def _quarter_sums(bits, prob, m1, m2, m3, RULE: tl.constexpr, TUPLE_REDUCE: tl.constexpr):
     """count(prob > m_i) and the rule's value F(m_i) (mass; top-k: the count) at three probe
-    thresholds per row. Two counts share an int32 (16 bits each: BLOCK_N < 65536)."""
+    thresholds per row. Two counts share an int32 (16 bits each, the upper one read back sign-extended: BLOCK_N < 32768; MAX_BLOCK_N is 4096)."""
     a1 = bits > m1[:, None]
     a2 = bits > m2[:, None]
     a3 = bits > m3[:, None]
