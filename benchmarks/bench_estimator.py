@@ -57,6 +57,14 @@ from prism.scorers.prism import PrismConfig, PrismScorer  # noqa: E402
 D = 128  # head dim of every benchmark shape
 
 
+def gpu_header() -> str:
+    """``GPU ...; torch ...; triton ...; python ...``: the first line of the estimator benchmarks."""
+    return (
+        f"GPU {torch.cuda.get_device_name()}; torch {torch.__version__}; triton "
+        f"{triton.__version__}; python {platform.python_version()}"
+    )
+
+
 def synth_qk(b, hq, hkv, s, d, seed, dtype, device="cuda", segment=300, strength=2.0):
     """RoPE'd topic-structured q [B,Hq,S,D], k [B,Hkv,S,D] on the GPU (cf. prism.synthetic)."""
     g = torch.Generator(device=device).manual_seed(seed)

@@ -317,19 +317,25 @@ def time_prefill(model, ids, cfg: Defaults, check: torch.Tensor | None = None):
     return ms, err
 
 
-def graph_ms(fn, reps: int) -> float:
-    """Median replay ms of ``fn()`` (no arguments, CUDA work only) captured once in a CUDA graph
-    after two eager warm-up calls on a side stream: device time without host overhead."""
+def capture_graph(fn, warmup: int = 2):
+    """``fn()`` (no arguments, CUDA work only) captured once in a CUDA graph after ``warmup``
+    eager calls on a side stream; returns the graph's ``replay``."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
-        fn()
-        fn()
+        for _ in range(warmup):
+            fn()
     torch.cuda.current_stream().wait_stream(s)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         fn()
-    return cuda_time(g.replay, reps, 2)
+    return g.replay
+
+
+def graph_ms(fn, reps: int) -> float:
+    """Median replay ms of ``fn()`` captured by :func:`capture_graph`: device time without host
+    overhead."""
+    return cuda_time(capture_graph(fn), reps, 2)
 
 
 def cuda_time(fn, reps: int, warmup: int = 2) -> float:

@@ -24,7 +24,6 @@ import csv
 import dataclasses
 import functools
 import itertools
-import platform
 import sys
 from pathlib import Path
 
@@ -36,7 +35,7 @@ import triton.testing
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_estimator import peak_extra_mb, synth_qk  # noqa: E402
+from bench_estimator import gpu_header, peak_extra_mb, synth_qk  # noqa: E402
 
 from prism.cli import parse_cli  # noqa: E402
 from prism.kernels.estimation.probe_kernels import launch_log_masses, launch_select  # noqa: E402
@@ -219,10 +218,7 @@ def main(argv=None) -> None:
     opt = parse_cli(Options, argv, description=__doc__)
     out = Path(opt.out)
     out.mkdir(parents=True, exist_ok=True)
-    header = (
-        f"GPU {torch.cuda.get_device_name()}; torch {torch.__version__}; triton "
-        f"{triton.__version__}; python {platform.python_version()}"
-    )
+    header = gpu_header()
     print(header, flush=True)
     fails = check(opt)
     if fails:

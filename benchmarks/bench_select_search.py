@@ -28,7 +28,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import functools
-import platform
 import sys
 from pathlib import Path
 
@@ -39,8 +38,8 @@ import triton.testing
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_estimator import synth_qk  # noqa: E402
-from bench_model import topk_for_density  # noqa: E402
+from bench_estimator import gpu_header, synth_qk  # noqa: E402
+from bench_model import capture_graph, topk_for_density  # noqa: E402
 
 import prism  # noqa: E402
 from prism.cli import parse_cli  # noqa: E402
@@ -75,27 +74,13 @@ def _same(a, b) -> bool:
 def gbench(fn) -> float:
     """:func:`bench` of ``fn`` replayed from a CUDA graph (no host time: short rows are
     launch-bound otherwise)."""
-    return bench(_graphed(fn))
+    return bench(capture_graph(fn, warmup=3))
 
 
 def _rows_differing(a, b) -> int:
     """(b, head, query block) rows whose lists differ."""
     d = (a[0] != b[0]) | (a[2] != b[2]) | (a[1] != b[1]).any(-1) | (a[3] != b[3]).any(-1)
     return int(d.sum())
-
-
-def _graphed(fn):
-    """``fn`` captured in a CUDA graph (device time only: no host work per call)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
 
 
 def _stats(kernel) -> dict:
@@ -130,7 +115,7 @@ def probe_rows(s: int, q, k, grid: bool) -> tuple[list[dict], list[str]]:
     dens = (ref[0] + ref[2]).float().sum().item() / (HQ * (s // BS) * (s // BS + 1) / 2)
     for i in range(2):
         put(f"whole call #{i + 1}", bench(lambda: fused.select(q, k).lists), density=round(dens, 4))
-    put("whole call, CUDA graph", bench(_graphed(lambda: fused.select(q, k).lists)))
+    put("whole call, CUDA graph", gbench(lambda: fused.select(q, k).lists))
     put("launch 1", gbench(lambda: launch_log_masses(q, k, rows, BS, first_slot=first)))
     variants = [("bisect", None, None), ("quad", None, None), ("auto", None, None)]
     if grid:
@@ -201,10 +186,7 @@ def main(argv=None) -> None:
     opt = parse_cli(Options, argv, description=__doc__)
     out = Path(opt.out)
     out.mkdir(parents=True, exist_ok=True)
-    header = (
-        f"GPU {torch.cuda.get_device_name()}; torch {torch.__version__}; triton "
-        f"{triton.__version__}; python {platform.python_version()}"
-    )
+    header = gpu_header()
     print(header, flush=True)
     fails = check_torch_path() if opt.torch_check else []
     rows = []

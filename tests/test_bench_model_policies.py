@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def bench():
+def bench_model():
     spec = importlib.util.spec_from_file_location(
         "bench_model", REPO / "benchmarks" / "bench_model.py"
     )
@@ -46,8 +46,8 @@ def _density(n: int, k: int, forced: bool) -> float:
 
 
 @pytest.mark.parametrize("n,frac", [(64, 0.2), (256, 0.1), (1024, 0.2), (1024, 0.05)])
-def test_topk_counts_the_forced_blocks_and_is_nearest(bench, n, frac):
-    k = bench.topk_for_density(n, frac)
+def test_topk_counts_the_forced_blocks_and_is_nearest(bench_model, n, frac):
+    k = bench_model.topk_for_density(n, frac)
     got = _density(n, k, forced=True)
     # nearest: neither neighbour is closer to the target
     for other in (k - 1, k + 1):
@@ -55,20 +55,20 @@ def test_topk_counts_the_forced_blocks_and_is_nearest(bench, n, frac):
     assert abs(got - frac) < 2.0 / n
 
 
-def test_forced_zero_is_the_smallest_k_reaching_the_target(bench):
+def test_forced_zero_is_the_smallest_k_reaching_the_target(bench_model):
     n = 1024
-    k = bench.topk_for_density(n, 0.2, forced=0)
+    k = bench_model.topk_for_density(n, 0.2, forced=0)
     assert k == 109  # the sizing of the session-5 8B results (density 0.204 at 128K)
     assert _density(n, k, forced=False) >= 0.2 > _density(n, k - 1, forced=False)
 
 
-def test_topk_policy_sizes_k_with_the_policy_block_size(bench):
-    cfg = bench.Defaults()
-    kw128 = bench.policy_kwargs("topk:0.2", 131072, cfg)
-    kw64 = bench.policy_kwargs("topk:0.2:block_size=64", 131072, cfg)
-    assert kw128["top_k"] == bench.topk_for_density(1024, 0.2)
+def test_topk_policy_sizes_k_with_the_policy_block_size(bench_model):
+    cfg = bench_model.Defaults()
+    kw128 = bench_model.policy_kwargs("topk:0.2", 131072, cfg)
+    kw64 = bench_model.policy_kwargs("topk:0.2:block_size=64", 131072, cfg)
+    assert kw128["top_k"] == bench_model.topk_for_density(1024, 0.2)
     assert kw64["block_size"] == 64
-    assert kw64["top_k"] == bench.topk_for_density(math.ceil(131072 / 64), 0.2)
+    assert kw64["top_k"] == bench_model.topk_for_density(math.ceil(131072 / 64), 0.2)
     assert kw64["top_k"] > kw128["top_k"]
 
 
@@ -85,8 +85,8 @@ def test_topk_policy_sizes_k_with_the_policy_block_size(bench):
         ),
     ],
 )
-def test_cfg_policy_splits_path_and_overrides(bench, name, path, extra):
-    kw = bench.policy_kwargs(name, 8192, bench.Defaults())
+def test_cfg_policy_splits_path_and_overrides(bench_model, name, path, extra):
+    kw = bench_model.policy_kwargs(name, 8192, bench_model.Defaults())
     assert kw["config"] == path
     assert {k: v for k, v in kw.items() if k in extra} == extra
     assert not set(extra) - set(kw)
