@@ -16,6 +16,7 @@
 #   bash benchmarks/run_h200.sh eightb6  # 8B shape graphed at 128K, 5-40 % density (forced counted)
 #   bash benchmarks/run_h200.sh session7 # shared probes: GPU tests, estimators, SmolLM2 8K/32K
 #   bash benchmarks/run_h200.sh eightb7  # 8B shape graphed at 128K, 20 % (count-only top-k search)
+#   bash benchmarks/run_h200.sh eightb9  # 8B shape graphed at 128K, 20 %, 3 timed pre-fills each
 set -uo pipefail
 phase=${1:-model}
 OUT=${OUT:-/tmp/out}
@@ -128,6 +129,10 @@ elif [ "$phase" = eightb7 ]; then
   timeout ${EIGHTB_T:-300} python3 benchmarks/bench_model.py model=random-llama8b compile=true \
     graph=true check=false lengths=[131072] "policies=[dense,topk:0.2]" reps=1 warmup=1 \
     ppl=false parts=false out=$OUT/llama8b_graph_s7_h200 2>&1 | grep -v Warning | tail -6
+elif [ "$phase" = eightb9 ]; then
+  timeout ${EIGHTB_T:-420} python3 benchmarks/bench_model.py model=random-llama8b compile=true \
+    graph=true check=false lengths=[131072] "policies=[dense,topk:0.2,topk:0.1]" reps=3 warmup=1 \
+    ppl=false parts=false out=$OUT/llama8b_graph_s9_h200 2>&1 | grep -v Warning | tail -8
 elif [ "$phase" = confirm ]; then
   timeout 100 python3 benchmarks/bench_estimator_share.py gguf=$GGUF lengths=[32768] \
     out=$OUT/estimator_share_h200 2>&1 | grep -v Warning | grep "^{"

@@ -46,7 +46,8 @@ def test_pareto_and_heatmap_written(tmp_path):
     assert pareto_plot([], tmp_path / "none.png") is None
 
 
-def test_speedup_formats(tmp_path):
+def test_speedup_table_parses_each_csv_format(tmp_path):
+    """``SpeedupTable``'s arithmetic on hand-written CSV rows (fixed numbers; nothing is timed)."""
     direct = tmp_path / "direct.csv"
     direct.write_text("scorer,length,speedup\nprism,8192,1.5\n")
     assert SpeedupTable(direct).speedup("prism", 8192, 0.3) == 1.5
