@@ -189,6 +189,9 @@ def time_one(opt: Options, s: int) -> dict:
     row["probe_fused_ms"] = bench(lambda: fused.select(q, k).lists)
     lm = launch_log_masses(q, k, rows, 128, first_slot=first)
     row["launch1_ms"] = bench(lambda: launch_log_masses(q, k, rows, 128, first_slot=first))
+    row["launch1_fixed_ms"] = bench(
+        lambda: launch_log_masses(q, k, rows, 128, first_slot=first, reference="fixed")
+    )
     row["launch1_qsched_ms"] = bench(
         lambda: launch_log_masses(q, k, rows, 128, schedule="q", first_slot=first)
     )

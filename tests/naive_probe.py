@@ -64,6 +64,32 @@ def naive_probe_probs(q, k, bs=128, probes=2, placement="ends") -> torch.Tensor:
     return out
 
 
+def naive_block_log_masses(q, k, rows, bs=128):
+    """float64 [B, Hq, NQB, P, NKB]: entry (b, h, i, p, j) is log2 of the unnormalised probe
+    mass ``Σ_{c in block j, c <= a} exp(q_a·k_c / sqrt(D))`` of the probe at query row
+    ``rows[i][p]`` (absolute position a = Sk - Sq + row); ``-inf`` where it sees no key of j.
+    Per (batch, head): every probe against every key in float64, causal keys kept, keys padded
+    to whole blocks, one logsumexp per block (on q's device)."""
+    b, hq, sq, d = q.shape
+    hkv, sk = k.shape[1], k.shape[2]
+    g = hq // hkv
+    nqb, p = rows.shape
+    nkb = math.ceil(sk / bs)
+    r = rows.to(q.device).long().reshape(-1)  # [NQB * P]
+    apos = (sk - sq) + r
+    keys_pos = torch.arange(nkb * bs, device=q.device)
+    seen = keys_pos[None, :] <= apos[:, None]  # [NQB * P, NKB * BS] (padding never seen)
+    out = torch.empty(b, hq, nqb, p, nkb, dtype=torch.float64, device=q.device)
+    for bb in range(b):
+        for h in range(hq):
+            kd = torch.zeros(nkb * bs, d, dtype=torch.float64, device=q.device)
+            kd[:sk] = k[bb, h // g].double()
+            z = (q[bb, h].double()[r] @ kd.T) / math.sqrt(d)  # [NQB * P, NKB * BS]
+            z = z.masked_fill(~seen, float("-inf")).reshape(-1, nkb, bs)
+            out[bb, h] = (torch.logsumexp(z, -1) / math.log(2.0)).reshape(nqb, p, nkb)
+    return out
+
+
 def _visible_row(i, sq, sk, bs):
     last = (sk - sq) + min((i + 1) * bs, sq) - 1
     return [j for j in range(math.ceil(sk / bs)) if j * bs <= last]

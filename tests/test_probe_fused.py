@@ -13,9 +13,11 @@ On CPU under Triton's interpreter (``tests/conftest.py`` switches it on without 
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
-from naive_probe import naive_probe_probs
+from naive_probe import naive_block_log_masses, naive_probe_probs
 
 from prism.kernels.estimation import op
 from prism.kernels.estimation.probe_op import (
@@ -205,6 +207,10 @@ def test_schedule_arguments_are_checked():
         launch_log_masses(q, k, rows, 32, schedule="k", kv_chunk=3)
     with pytest.raises(ValueError, match="first_slot"):
         launch_log_masses(q, k, rows, 32, first_slot=2)
+    with pytest.raises(ValueError, match="block_max"):
+        launch_log_masses(q, k, rows, 32, reference="exact")
+    with pytest.raises(ValueError, match="schedule='k'"):
+        launch_log_masses(q, k, rows, 32, schedule="q", reference="fixed")
 
 
 @needs_interpreter
@@ -222,6 +228,128 @@ def test_first_slot_reads_the_layout_in_place():
         fin = torch.isfinite(want)
         assert torch.equal(fin, torch.isfinite(got)) and fin.any()
         assert torch.equal(got[fin], want[fin])
+
+
+def _fixed_reference_floor(q, k, rows, bs):
+    """float64 [B, Hq, NQB, P, 1]: ref - FLUSH_BITS of each probe row (ref = its own base-2
+    score + REF_MARGIN), the level above which the fixed reference's entries are exact."""
+    from prism.kernels.estimation.probe_kernels import FLUSH_BITS, REF_MARGIN
+
+    b, hq, sq, d = q.shape
+    g = hq // k.shape[1]
+    r = rows.long().cpu()
+    qd = q.double().cpu()[:, :, r]  # [B, Hq, NQB, P, D]
+    kd = k.double().cpu().repeat_interleave(g, 1)[:, :, r + (k.shape[2] - sq)]
+    own = (qd * kd).sum(-1) / math.sqrt(d) / math.log(2.0)
+    return (own + REF_MARGIN - FLUSH_BITS)[..., None]
+
+
+def _check_fixed_contract(got, exact, floor, atol):
+    """The fixed reference's contract on launch 1's visible entries (float64 tensors of one
+    shape): entries whose exact value is >= floor are finite and within ``atol`` (log2); the
+    others may be low or -inf, and high only by the rounding of subnormal terms (each off by
+    < 2^-149 of the reference = 2^(floor - 50); the GPU flushes them instead); nothing is NaN or
+    +inf. Returns how many entries lie below the floor."""
+    assert not torch.isnan(got).any() and not (got == float("inf")).any()
+    hi = exact >= floor
+    assert hi.any()
+    assert torch.isfinite(got[hi]).all()
+    err = (got[hi] - exact[hi]).abs().max().item()
+    assert err <= atol, err
+    lo = ~hi
+    slack = floor[lo] - 50 + math.log2(128)  # a block of <= 128 keys: 128 rounded terms
+    assert (got[lo] <= torch.logaddexp2(exact[lo], slack) + atol).all()
+    return int(lo.sum())
+
+
+def _fixed_vs_exact(q, k, rows, bs, first_slot, chunk=2):
+    from prism.kernels.estimation.probe_kernels import launch_log_masses
+
+    sq, sk = q.shape[2], k.shape[2]
+    got = launch_log_masses(q, k, rows, bs, first_slot=first_slot, reference="fixed",
+                            kv_chunk=chunk)  # fmt: skip
+    r = rows[:, first_slot:]
+    exact = naive_block_log_masses(q, k, r, bs).cpu()
+    floor = _fixed_reference_floor(q, k, r, bs).expand_as(exact)
+    return [_visible_entries(t, sq, sk, bs) for t in (got.double().cpu(), exact, floor)]
+
+
+FIXED_CASES = [  # (B, Hq, Hkv, Sq, Sk, D, BS, P, placement, sharpen)
+    (1, 2, 1, 127, 127, 64, 32, 2, "ends", 1.0),
+    (2, 8, 2, 300, 300, 32, 64, 2, "ends", 1.0),
+    (1, 4, 2, 290, 700, 64, 64, 3, "shared", 1.0),  # cached prefix, shared slots
+    (1, 2, 1, 333, 333, 32, 48, 2, "ends", 1.0),  # padded KV blocks
+    (1, 4, 2, 500, 500, 32, 32, 2, "ends", 6.0),  # peaked: many blocks below the floor
+    (1, 4, 2, 290, 700, 64, 64, 2, "shared", 6.0),
+]
+
+
+@needs_interpreter
+@pytest.mark.parametrize("case", range(len(FIXED_CASES)))
+def test_fixed_reference_keeps_its_contract(case):
+    """``reference="fixed"`` against the float64 log-masses: exact above ref - FLUSH_BITS, never
+    above the exact value below it; the peaked cases do reach below the floor."""
+    b, hq, hkv, sq, sk, d, bs, probes, placement, sharpen = FIXED_CASES[case]
+    q, k = _qk(b, hq, hkv, sq, sk, d)
+    q = q * sharpen
+    rows, _ = probe_layout(sq, bs, probes, placement)
+    for chunk in (1, 2):
+        got, exact, floor = _fixed_vs_exact(q, k, rows, bs, int(placement == "shared"), chunk)
+        n_low = _check_fixed_contract(got, exact, floor, atol=2e-4)
+        if sharpen > 1:
+            assert n_low > 0
+
+
+@needs_interpreter
+@pytest.mark.parametrize("case", ["gqa_batch2_ragged300", "shared_gqa_batch2_prefix", "min_prob"])
+def test_fixed_reference_selects_the_block_max_lists(case):
+    """The selection with launch 1 on the fixed reference (``"auto"`` takes it from 64K tokens)
+    equals the one on the block max."""
+    b, hq, hkv, sq, sk, d, bs, probes, placement, params = CPU_CASES[case]
+    q, k = _qk(b, hq, hkv, sq, sk, d)
+    rows, w = probe_layout(sq, bs, probes, placement)
+    kp = ProbeKernelParams(block_size=bs, **params)
+    shared = shares_probes(placement, probes)
+    want = probe_select_block_lists(q, k, rows, w, kp, shared, reference="block_max")
+    got = probe_select_block_lists(q, k, rows, w, kp, shared, reference="fixed")
+    for a, c in zip(want, got):
+        assert torch.equal(a, c)
+    assert 0 < (want[0] + want[2]).float().mean() < want[1].shape[-1]
+
+
+def _overflow_inputs(device="cpu", dtype=torch.float32):
+    """A key that every probe of block 6 scores ~480 (base 2) above its own score + margin: the
+    fixed-reference block sums overflow there and only the repair pass can give those rows."""
+    q, k = _qk(1, 2, 1, 256, 256, 32, structured=False)
+    k[:, :, 40] = 8.0
+    q[:, :, 192:224] = 8.0
+    return q.to(device, dtype), k.to(device, dtype)
+
+
+def _check_overflow_repaired(device, dtype, atol):
+    from prism.kernels.estimation.probe_kernels import REF_MARGIN
+
+    q, k = _overflow_inputs(device, dtype)
+    rows, _ = probe_layout(256, 32, 2, "ends", q.device)
+    exact = naive_block_log_masses(q, k, rows, 32).cpu()
+    ref = (_fixed_reference_floor(q, k, rows, 32) + 99.0)[..., 0]  # own score + REF_MARGIN
+    assert REF_MARGIN == 32.0
+    over = exact.amax(-1) - ref > 128 + 5  # rows whose hot block sum overflows 2^128
+    assert over[0, :, 6].all() and over.sum() == over[0, :, 6].numel()
+    got, exact_v, floor = _fixed_vs_exact(q, k, rows, 32, 0)
+    _check_fixed_contract(got, exact_v, floor, atol=atol)
+    # the repaired rows are exact everywhere, below the floor too (the block max again)
+    from prism.kernels.estimation.probe_kernels import launch_log_masses
+
+    lm = launch_log_masses(q, k, rows, 32, reference="fixed").double().cpu()
+    seen = torch.isfinite(exact[0, :, 6])
+    torch.testing.assert_close(lm[0, :, 6][seen], exact[0, :, 6][seen], atol=atol, rtol=1e-6)
+    assert (lm[0, :, 6][~seen] == float("-inf")).all() or not (~seen).any()
+
+
+@needs_interpreter
+def test_fixed_reference_repairs_overflowed_rows():
+    _check_overflow_repaired("cpu", torch.float32, atol=2e-4)
 
 
 def test_kernel_params_and_bad_input():
@@ -293,6 +421,37 @@ def test_gpu_kv_stationary_schedule_matches_query_schedule(sq, sk):
     q, k = _qk(1, 32, 8, sq, sk, 128, torch.bfloat16, "cuda")
     rows, _ = probe_layout(sq, 128, 2, "ends", q.device)
     _check_schedules_agree(q, k, rows, 128, atol=1e-3)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize(
+    "sq,sk,sharpen", [(8192, 8192, 1.0), (8192, 8192, 4.0), (3000, 8192, 1.0), (32768, 32768, 1.0)]
+)
+def test_gpu_fixed_reference_keeps_the_contract_and_the_lists(sq, sk, sharpen):
+    """bf16, exp2 flushing subnormals: the contract against float64, and launch 2 selects the
+    same top-p lists from the fixed reference's log-masses as from the block max's (rows whose
+    boundary sits within rounding aside: at most 1 in 2,000)."""
+    from prism.kernels.estimation.probe_kernels import launch_log_masses, launch_select
+
+    q, k = _qk(1, 32, 8, sq, sk, 128, torch.bfloat16, "cuda")
+    q = q * sharpen
+    rows, w = probe_layout(sq, 128, 2, "shared", q.device)
+    got, exact, floor = _fixed_vs_exact(q, k, rows, 128, 1)
+    _check_fixed_contract(got, exact, floor, atol=2e-3)
+    params = ProbeKernelParams(block_size=128, threshold=0.95)
+    lists = []
+    for reference in ("fixed", "block_max"):
+        lm = launch_log_masses(q, k, rows, 128, first_slot=1, reference=reference)
+        lists.append(launch_select(lm, w, sq, sk, 8, params, shared=True))
+    differ = (lists[0][0] != lists[1][0]) | (lists[0][2] != lists[1][2])
+    assert differ.float().mean().item() <= 5e-4, int(differ.sum())
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_fixed_reference_repairs_overflowed_rows():
+    _check_overflow_repaired("cuda", torch.bfloat16, atol=2e-3)
 
 
 def test_select_rows_per_program_must_be_a_power_of_two():

@@ -44,6 +44,16 @@ from .select import (
 )
 
 LOG2E = 1.4426950408889634
+# The fixed reference (``reference="fixed"``): each probe row's exponent offset is its own score
+# (the probe against its own key, base-2) + REF_MARGIN. A block whose true log-mass is below
+# ref - FLUSH_BITS may come back low or -inf (exp2 flushes terms below 2^-126 to zero; the sum
+# of a block's flushed terms is below 2^(ref - 119)); its probability in the probe's softmax is
+# then below 2^(REF_MARGIN - FLUSH_BITS) = 2^-67 (the own key alone holds 2^-REF_MARGIN of the
+# reference). A row in which a block sum overflows (a score above ref + ~120) is recomputed with
+# the block max by the repair pass: every entry of such a row is exact.
+REF_MARGIN = 32.0
+FLUSH_BITS = 99.0
+REFERENCES = ("block_max", "fixed")
 
 
 @triton.jit
@@ -57,6 +67,19 @@ def _load_kt(k_base, cols, col_ok, offs_d, d_ok, sks, skd):
 
 
 @triton.jit
+def _scores(qt, kt, cols, col_ok, apos, CAUSAL: tl.constexpr, IS_F32: tl.constexpr):
+    """[M, BLOCK_N] raw dot products of the tile's probes with one KV block (``-inf`` where
+    ``CAUSAL`` masks a key: past the probe or outside ``col_ok``)."""
+    if IS_F32:
+        s = tl.dot(qt, kt, input_precision="ieee")
+    else:
+        s = tl.dot(qt, kt)
+    if CAUSAL:
+        s = tl.where(col_ok[None, :] & (cols[None, :] <= apos[:, None]), s, float("-inf"))
+    return s
+
+
+@triton.jit
 def _log_mass_of(qt, kt, cols, col_ok, apos, qk_scale, CAUSAL: tl.constexpr,
                  IS_F32: tl.constexpr):  # fmt: skip
     """[M] base-2 log-mass of one KV block (K already loaded as ``kt``) for the tile's rows
@@ -64,18 +87,22 @@ def _log_mass_of(qt, kt, cols, col_ok, apos, qk_scale, CAUSAL: tl.constexpr,
 
     The max is taken on the raw dot products (``qk_scale > 0``), the scale folded into the
     exponent: one FMA + one exp2 per score."""
-    if IS_F32:
-        s = tl.dot(qt, kt, input_precision="ieee")
-    else:
-        s = tl.dot(qt, kt)
+    s = _scores(qt, kt, cols, col_ok, apos, CAUSAL, IS_F32)
+    m = tl.max(s, 1)
     if CAUSAL:
-        s = tl.where(col_ok[None, :] & (cols[None, :] <= apos[:, None]), s, float("-inf"))
-        m = tl.max(s, 1)
         m = tl.where(m == float("-inf"), 0.0, m)
-    else:  # every score is finite
-        m = tl.max(s, 1)
     ms = m * qk_scale
     return ms + tl.log2(tl.sum(tl.exp2(s * qk_scale - ms[:, None]), 1))
+
+
+@triton.jit
+def _ref_log_mass_of(qt, kt, cols, col_ok, apos, qk_scale, ref, CAUSAL: tl.constexpr,
+                     IS_F32: tl.constexpr):  # fmt: skip
+    """:func:`_log_mass_of` against the rows' fixed references ``ref`` [M] (no block max):
+    returns (log-mass [M], overflowed [M]: the block sum is +inf, the row needs the repair)."""
+    s = _scores(qt, kt, cols, col_ok, apos, CAUSAL, IS_F32)
+    tot = tl.sum(tl.exp2(s * qk_scale - ref[:, None]), 1)
+    return ref + tl.log2(tot), tot == float("inf")
 
 
 @triton.jit
@@ -87,12 +114,12 @@ def _block_log_mass(qt, k_base, cols, col_ok, offs_d, d_ok, apos, sks, skd, qk_s
 
 
 @triton.jit
-def _tile_probe_rows(q_ptr, rows_ptr, out_ptr, t, b, kvh, sqb, sqh, sqs, sqd, offs_d, d_ok,
-                     HQ, G, P, SROW, NQB, NKB, PREFIX, QB: tl.constexpr,
+def _tile_probe_rows(q_ptr, rows_ptr, t, b, kvh, sqb, sqh, sqs, sqd, offs_d, d_ok,
+                     HQ, G, P, SROW, NQB, PREFIX, QB: tl.constexpr,
                      BLOCK_M: tl.constexpr):  # fmt: skip
     """Query tile ``t`` of KV head (b, kvh): its ``BLOCK_M`` rows are (query block, GQA head,
     probe) triples. Returns (row valid [M], the probe queries [M, BLOCK_D], their absolute
-    positions [M], their output rows [M] (pointers to KV block 0))."""
+    positions [M], their flat index [M] into ``[B, Hq, NQB, P]``, int64)."""
     r = tl.arange(0, BLOCK_M)
     gp = G * P
     il = r // gp
@@ -107,8 +134,56 @@ def _tile_probe_rows(q_ptr, rows_ptr, out_ptr, t, b, kvh, sqb, sqh, sqs, sqd, of
     qt = tl.load(
         q_rows[:, None] + offs_d[None, :] * sqd, mask=ok[:, None] & d_ok[None, :], other=0.0
     )
-    out_rows = out_ptr + (((b * HQ + h).to(tl.int64) * NQB + qi) * P + p) * NKB
-    return ok, qt, PREFIX + qrow, out_rows
+    ridx = ((b * HQ + h).to(tl.int64) * NQB + qi) * P + p
+    return ok, qt, PREFIX + qrow, ridx
+
+
+@triton.jit
+def _probe_ref_kernel(
+    q_ptr,
+    k_ptr,
+    rows_ptr,
+    ref_ptr,
+    sqb,
+    sqh,
+    sqs,
+    sqd,
+    skb,
+    skh,
+    sks,
+    skd,
+    HQ,
+    HKV,
+    G,
+    P,
+    SROW,
+    D,
+    NQB,
+    PREFIX,
+    qk_scale,
+    margin,
+    QB: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """The fixed references, float32 [B, Hq, NQB, P]: each probe's base-2 score against its own
+    key + ``margin``. One program per (query tile, b · KV head), the tiles of launch 1."""
+    t = tl.program_id(0)
+    bkv = tl.program_id(1)
+    b = bkv // HKV
+    kvh = bkv % HKV
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    ok, qt, apos, ridx = _tile_probe_rows(
+        q_ptr, rows_ptr, t, b, kvh, sqb, sqh, sqs, sqd, offs_d, d_ok,
+        HQ, G, P, SROW, NQB, PREFIX, QB, BLOCK_M,
+    )  # fmt: skip
+    k_rows = k_ptr + b.to(tl.int64) * skb + kvh.to(tl.int64) * skh + apos.to(tl.int64) * sks
+    kown = tl.load(
+        k_rows[:, None] + offs_d[None, :] * skd, mask=ok[:, None] & d_ok[None, :], other=0.0
+    )
+    own = tl.sum(qt.to(tl.float32) * kown.to(tl.float32), 1)
+    tl.store(ref_ptr + ridx, own * qk_scale + margin, mask=ok)
 
 
 @triton.jit
@@ -117,6 +192,7 @@ def _log_mass_kernel(
     k_ptr,
     rows_ptr,
     out_ptr,
+    flag_ptr,
     sqb,
     sqh,
     sqs,
@@ -144,22 +220,30 @@ def _log_mass_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     IS_F32: tl.constexpr,
+    REPAIR: tl.constexpr,
 ):
+    """Launch 1, query schedule (block max). ``REPAIR``: the fixed reference's repair pass —
+    only the rows flagged in ``flag_ptr`` [B, Hq, NQB, P] are computed and written (a tile with
+    none walks no KV block)."""
     t = n_tiles - 1 - tl.program_id(0)  # largest tiles (most KV blocks) first
     bkv = tl.program_id(1)
     b = bkv // HKV
     kvh = bkv % HKV
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
-    ok, qt, apos, out_rows = _tile_probe_rows(
-        q_ptr, rows_ptr, out_ptr, t, b, kvh, sqb, sqh, sqs, sqd, offs_d, d_ok,
-        HQ, G, P, SROW, NQB, NKB, PREFIX, QB, BLOCK_M,
+    ok, qt, apos, ridx = _tile_probe_rows(
+        q_ptr, rows_ptr, t, b, kvh, sqb, sqh, sqs, sqd, offs_d, d_ok,
+        HQ, G, P, SROW, NQB, PREFIX, QB, BLOCK_M,
     )  # fmt: skip
+    out_rows = out_ptr + ridx * NKB
     k_base = k_ptr + b.to(tl.int64) * skb + kvh.to(tl.int64) * skh
 
     i_first = t * QB
     i_last = tl.minimum(i_first + QB, NQB) - 1
     n_kv = (PREFIX + tl.minimum((i_last + 1) * BS, SQ) - 1) // BS + 1
+    if REPAIR:
+        ok = ok & (tl.load(flag_ptr + ridx, mask=ok, other=0) != 0)
+        n_kv = tl.where(tl.max(ok.to(tl.int32), 0) > 0, n_kv, 0)
     # every row of the tile sits at or after the tile's first query row: the KV blocks that end
     # there are seen in full by every row
     n_full = tl.minimum((PREFIX + i_first * BS + 1) // BS, n_kv)
@@ -182,25 +266,46 @@ def _log_mass_kernel(
 
 
 @triton.jit
-def _kstat_tile(q_ptr, rows_ptr, out_ptr, t, b, kvh, sqb, sqh, sqs, sqd, offs_d, d_ok, kt0, kt1,
-                cols0, ok0, cols1, ok1, j0, j1, HQ, G, P, SROW, NQB, NKB, PREFIX, qk_scale,
-                QB: tl.constexpr, KB: tl.constexpr, BLOCK_M: tl.constexpr,
-                CAUSAL: tl.constexpr, IS_F32: tl.constexpr):  # fmt: skip
+def _stored_log_mass(qt, kt, cols, col_ok, apos, qk_scale, out_rows, j, store_ok, ref, flags,
+                     CAUSAL: tl.constexpr, IS_F32: tl.constexpr,
+                     FIXED: tl.constexpr):  # fmt: skip
+    """One (tile, KV block) entry of launch 1 written: block max, or the fixed reference with
+    its overflowed rows flagged for the repair pass."""
+    if FIXED:
+        lm, over = _ref_log_mass_of(qt, kt, cols, col_ok, apos, qk_scale, ref, CAUSAL, IS_F32)
+        tl.store(flags, over.to(tl.int32), mask=store_ok & over)
+    else:
+        lm = _log_mass_of(qt, kt, cols, col_ok, apos, qk_scale, CAUSAL, IS_F32)
+    tl.store(out_rows + j, lm, mask=store_ok)
+
+
+@triton.jit
+def _kstat_tile(q_ptr, rows_ptr, out_ptr, ref_ptr, flag_ptr, t, b, kvh, sqb, sqh, sqs, sqd,
+                offs_d, d_ok, kt0, kt1, cols0, ok0, cols1, ok1, j0, j1, HQ, G, P, SROW, NQB,
+                NKB, PREFIX, qk_scale, QB: tl.constexpr, KB: tl.constexpr,
+                BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr, IS_F32: tl.constexpr,
+                FIXED: tl.constexpr):  # fmt: skip
     """Query tile ``t`` against the program's ``KB`` KV blocks (j0, j1): their log-masses stored.
     Only a masked tile can meet a second block past the last one (the chunk reaching past Sk
     is masked everywhere), so only there does that store need the ``j1 < NKB`` test."""
-    ok, qt, apos, out_rows = _tile_probe_rows(
-        q_ptr, rows_ptr, out_ptr, t, b, kvh, sqb, sqh, sqs, sqd, offs_d, d_ok,
-        HQ, G, P, SROW, NQB, NKB, PREFIX, QB, BLOCK_M,
+    ok, qt, apos, ridx = _tile_probe_rows(
+        q_ptr, rows_ptr, t, b, kvh, sqb, sqh, sqs, sqd, offs_d, d_ok,
+        HQ, G, P, SROW, NQB, PREFIX, QB, BLOCK_M,
     )  # fmt: skip
-    tl.store(out_rows + j0, _log_mass_of(qt, kt0, cols0, ok0, apos, qk_scale, CAUSAL, IS_F32),
-             mask=ok)  # fmt: skip
+    out_rows = out_ptr + ridx * NKB
+    if FIXED:
+        ref = tl.load(ref_ptr + ridx, mask=ok, other=0.0)
+    else:
+        ref = apos  # unused
+    _stored_log_mass(qt, kt0, cols0, ok0, apos, qk_scale, out_rows, j0, ok, ref,
+                     flag_ptr + ridx, CAUSAL, IS_F32, FIXED)  # fmt: skip
     if KB == 2:
-        lm = _log_mass_of(qt, kt1, cols1, ok1, apos, qk_scale, CAUSAL, IS_F32)
         if CAUSAL:  # (a tensor mask: the interpreter takes no scalar & tensor)
-            tl.store(out_rows + j1, lm, mask=ok & ((apos * 0 + j1) < NKB))
+            ok1_rows = ok & ((apos * 0 + j1) < NKB)
         else:
-            tl.store(out_rows + j1, lm, mask=ok)
+            ok1_rows = ok
+        _stored_log_mass(qt, kt1, cols1, ok1, apos, qk_scale, out_rows, j1, ok1_rows, ref,
+                         flag_ptr + ridx, CAUSAL, IS_F32, FIXED)  # fmt: skip
 
 
 @triton.jit
@@ -209,6 +314,8 @@ def _log_mass_kstat_kernel(
     k_ptr,
     rows_ptr,
     out_ptr,
+    ref_ptr,
+    flag_ptr,
     sqb,
     sqh,
     sqs,
@@ -237,9 +344,12 @@ def _log_mass_kstat_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     IS_F32: tl.constexpr,
+    FIXED: tl.constexpr,
 ):
     """Launch 1, K-stationary schedule: one program per (chunk of ``KB`` KV blocks, b · KV head)
-    holds its K blocks and walks the query tiles that see them (Q is re-read, K read once)."""
+    holds its K blocks and walks the query tiles that see them (Q is re-read, K read once).
+    ``FIXED``: exponents against the rows' fixed references ``ref_ptr`` (overflowed rows flagged
+    in ``flag_ptr``), else against each block's max."""
     c = tl.program_id(0)  # chunk 0 (seen by every query tile: the most work) first
     bkv = tl.program_id(1)
     b = bkv // HKV
@@ -271,15 +381,15 @@ def _log_mass_kstat_kernel(
     t_full = tl.minimum(tl.maximum(t_full, t_start), n_tiles)
     for t in range(t_start, t_full):
         _kstat_tile(
-            q_ptr, rows_ptr, out_ptr, t, b, kvh, sqb, sqh, sqs, sqd, offs_d, d_ok, kt0, kt1,
-            cols0, ok0, cols1, ok1, j0, j1, HQ, G, P, SROW, NQB, NKB, PREFIX, qk_scale,
-            QB, KB, BLOCK_M, True, IS_F32,
+            q_ptr, rows_ptr, out_ptr, ref_ptr, flag_ptr, t, b, kvh, sqb, sqh, sqs, sqd,
+            offs_d, d_ok, kt0, kt1, cols0, ok0, cols1, ok1, j0, j1, HQ, G, P, SROW, NQB, NKB,
+            PREFIX, qk_scale, QB, KB, BLOCK_M, True, IS_F32, FIXED,
         )  # fmt: skip
     for t in range(t_full, n_tiles):
         _kstat_tile(
-            q_ptr, rows_ptr, out_ptr, t, b, kvh, sqb, sqh, sqs, sqd, offs_d, d_ok, kt0, kt1,
-            cols0, ok0, cols1, ok1, j0, j1, HQ, G, P, SROW, NQB, NKB, PREFIX, qk_scale,
-            QB, KB, BLOCK_M, False, IS_F32,
+            q_ptr, rows_ptr, out_ptr, ref_ptr, flag_ptr, t, b, kvh, sqb, sqh, sqs, sqd,
+            offs_d, d_ok, kt0, kt1, cols0, ok0, cols1, ok1, j0, j1, HQ, G, P, SROW, NQB, NKB,
+            PREFIX, qk_scale, QB, KB, BLOCK_M, False, IS_F32, FIXED,
         )  # fmt: skip
 
 
@@ -429,6 +539,7 @@ def launch_log_masses(
     schedule: str = "k",
     kv_chunk: int = 2,
     first_slot: int = 0,
+    reference: str = "block_max",
 ):
     """Launch 1 (shapes already checked by :mod:`.probe_op`): float32 [B, Hq, NQB, P, NKB] for
     the probe slots ``rows[:, first_slot:]`` (P of them; the ``shared`` layout skips slot 0
@@ -442,9 +553,22 @@ def launch_log_masses(
     the sweep in ``benchmarks/results/probe_estimator_sweep_h200.log`` (2 schedules x 64/128
     rows x 4/8 warps x 2/3 stages x 1/2 blocks) on the H200: 0.044 / 0.28 / 3.31 ms at 8K / 32K
     / 128K (Hq = 32, Hkv = 8, D = 128, bf16) vs 0.094 / 0.42 / 3.84 ms for the query schedule.
+
+    ``reference="block_max"`` (default): every written entry is exact (each block's sum taken
+    against its own max). ``"fixed"`` (K schedule only): three launches — the rows' references
+    (own score + :data:`REF_MARGIN`), the K-stationary pass against them (no per-block max) and
+    the repair pass that recomputes, with the block max, every row in which a block sum
+    overflowed. Entries whose exact value is at least ``ref - FLUSH_BITS`` are exact (to float
+    rounding); lower ones (probability < 2^-67 in the probe's softmax) may be low or ``-inf``.
+    Enough for top-p and min-prob, which never keep such blocks; top-k, which may have to rank
+    them, takes the block max.
     """
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}; valid: {list(SCHEDULES)}")
+    if reference not in REFERENCES:
+        raise ValueError(f"unknown reference {reference!r}; valid: {list(REFERENCES)}")
+    if reference == "fixed" and schedule != "k":
+        raise ValueError("reference='fixed' runs on the K-stationary schedule (schedule='k')")
     if kv_chunk not in (1, 2):
         raise ValueError(f"kv_chunk must be 1 or 2, got {kv_chunk}")
     if not 0 <= first_slot < rows.shape[1]:
@@ -470,11 +594,18 @@ def launch_log_masses(
     if num_stages is None:
         num_stages = 3
     out = torch.empty(b, hq, nqb, p, nkb, device=q.device, dtype=torch.float32)
+    fixed = reference == "fixed"
+    ref = torch.empty(b * hq * nqb * p, device=q.device, dtype=torch.float32) if fixed else out
+    flags = torch.zeros(b * hq * nqb * p, device=q.device, dtype=torch.int32) if fixed else out
+    qk_scale = LOG2E / math.sqrt(d)
+    if fixed:
+        _probe_ref_kernel[(n_tiles, b * hkv)](
+            q, k, rows, ref, *q.stride(), *k.stride(), hq, hkv, g, p, rows.stride(0), d, nqb,
+            sk - sq, qk_scale, REF_MARGIN, QB=qb, BLOCK_M=block_m, BLOCK_D=block_d,
+            num_warps=4,
+        )  # fmt: skip
+    head = (q, k, rows, out)
     args = (
-        q,
-        k,
-        rows,
-        out,
         *q.stride(),
         *k.stride(),
         hq,
@@ -488,7 +619,7 @@ def launch_log_masses(
         nqb,
         nkb,
         sk - sq,
-        LOG2E / math.sqrt(d),
+        qk_scale,
         n_tiles,
     )
     meta = dict(
@@ -502,10 +633,12 @@ def launch_log_masses(
         num_stages=num_stages,
     )
     if schedule == "q":
-        _log_mass_kernel[(n_tiles, b * hkv)](*args, **meta)
+        _log_mass_kernel[(n_tiles, b * hkv)](*head, out, *args, REPAIR=False, **meta)
     else:
         grid = (math.ceil(nkb / kv_chunk), b * hkv)
-        _log_mass_kstat_kernel[grid](*args, KB=kv_chunk, **meta)
+        _log_mass_kstat_kernel[grid](*head, ref, flags, *args, KB=kv_chunk, FIXED=fixed, **meta)
+    if fixed:  # the rows flagged above, again with the block max (no work where none is)
+        _log_mass_kernel[(n_tiles, b * hkv)](*head, flags, *args, REPAIR=True, **meta)
     return out
 
 

@@ -6,7 +6,9 @@ The exact probe-query scorer (``prism.scorers.probe``, issue 11) as two Triton l
 1. **block log-masses** — tiles of ``M`` probe rows (the G query heads of a KV head x P probes
    x 8 query blocks; K is read once for the whole GQA group) against the causal KV blocks: per
    128-key block one ``tl.dot``, the block-local max ``m`` and sum ``l = Σ 2^(s - m)`` (base-2
-   logits), written as one number ``m + log2 l`` per (probe row, KV block). By default one
+   logits), written as one number ``m + log2 l`` per (probe row, KV block) — for top-p and
+   min-prob against a fixed per-row reference instead (the probe's own score + 32: no per-block
+   max; a repair pass redoes the rows where a block sum overflows). By default one
    program per (pair of KV blocks, b, KV head) holds those K blocks and walks the query tiles
    that see them (K-stationary, ``schedule="k"``); ``schedule="q"`` runs one program per query
    tile over its KV blocks (same entries, same arithmetic). Nothing of size ``[Sq, Sk]`` exists.
@@ -40,6 +42,11 @@ __all__ = [
 ]
 
 MAX_HEAD_DIM = 256
+# ``reference="auto"``: the fixed reference from this many KV blocks on (64K tokens at BS = 128).
+# H200, Hq = 32, Hkv = 8, D = 128, bf16 (``probe_estimator_s10_h200.md``): launch 1 fixed vs
+# block max 0.041 vs 0.030 ms at 8K (its two extra small launches), 0.165 vs 0.163 at 32K,
+# 1.55 vs 1.72 ms at 128K.
+FIXED_MIN_BLOCKS = 512
 
 
 @dataclass(frozen=True)
@@ -106,9 +113,12 @@ def probe_block_log_masses(
     block_m: int | None = None,
     num_warps: int | None = None,
     first_slot: int = 0,
+    reference: str = "block_max",
 ) -> torch.Tensor:
     """Launch 1: float32 ``[B, Hq, NQB, P, NKB]`` base-2 block log-masses of the probes
-    (of the slots ``rows[:, first_slot:]``).
+    (of the slots ``rows[:, first_slot:]``). ``reference``: ``"block_max"`` (every entry exact)
+    or ``"fixed"`` (faster; entries far below the probe's own-key weight may be low or ``-inf``,
+    see :func:`.probe_kernels.launch_log_masses`).
 
     q [B, Hq, Sq, D], k [B, Hkv, Sk, D] (any strides); rows int [NQB, P] query-local probe rows
     (``prism.scorers.probe.probe_layout``). Entry (b, h, i, p, j) is
@@ -123,7 +133,14 @@ def probe_block_log_masses(
     nqb = math.ceil(sq / block_size)
     _check_layout(rows, rows, nqb, sq, block_size)
     return launch_log_masses(
-        q, k, rows, block_size, block_m=block_m, num_warps=num_warps, first_slot=first_slot
+        q,
+        k,
+        rows,
+        block_size,
+        block_m=block_m,
+        num_warps=num_warps,
+        first_slot=first_slot,
+        reference=reference,
     )
 
 
@@ -134,13 +151,15 @@ def probe_block_probs_fused(
     weights: torch.Tensor,
     block_size: int,
     shared: bool = False,
+    reference: str = "fixed",
 ) -> torch.Tensor:
     """The probes' block-mass estimate float32 ``[B, Hq, NQB, NKB]`` from launch 1 (plus a
     PyTorch normalisation; for tests and studies — :func:`probe_select_block_lists` never
     materialises it). ``shared`` as there: launch 1 runs on slots 1.. only and slot 0 of block i
-    is block i − 1's last probe."""
+    is block i − 1's last probe. ``reference`` as :func:`probe_block_log_masses` (the default is
+    the selection's: the probabilities are the same to float rounding, or below 2^-67)."""
     sq, sk = q.shape[2], k.shape[2]
-    lm = probe_block_log_masses(q, k, rows, block_size, first_slot=int(shared))
+    lm = probe_block_log_masses(q, k, rows, block_size, first_slot=int(shared), reference=reference)
     nqb, nkb = lm.shape[2], lm.shape[4]
     i = torch.arange(nqb, device=q.device)
     last = (sk - sq) + torch.clamp((i + 1) * block_size, max=sq) - 1
@@ -164,6 +183,7 @@ def probe_select_block_lists(
     weights: torch.Tensor,
     params: ProbeKernelParams,
     shared: bool = False,
+    reference: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The probe selection of ``q [B, Hq, Sq, D]``, ``k [B, Hkv, Sk, D]`` as BlockMask lists.
 
@@ -174,6 +194,11 @@ def probe_select_block_lists(
     softmaxes per block instead of P). Returns ``(kv_num, kv_idx, full_num, full_idx)`` int32
     ``[B, Hq, NQB]`` / ``[B, Hq, NQB, NKB]``, laid out as ``prism.masks.bool_to_block_lists``
     (selected blocks ascending, then the unselected ones).
+
+    ``reference`` (launch 1's, see :func:`probe_block_log_masses`): ``"auto"`` takes the fixed
+    reference for top-p and min-prob (they never keep a block below 2^-67 of a probe's softmax,
+    where the fixed reference may be inexact) from :data:`FIXED_MIN_BLOCKS` KV blocks on, and
+    the block max for top-k (which may have to rank such blocks) and shorter rows.
     """
     if not isinstance(params, ProbeKernelParams):
         raise TypeError(f"params must be ProbeKernelParams, got {type(params).__name__}")
@@ -185,5 +210,9 @@ def probe_select_block_lists(
 
     if shared and rows.shape[1] < 2:
         raise ValueError("shared=True needs at least 2 probe slots (slot 0 is the shared one)")
-    lm = launch_log_masses(q, k, rows, bs, first_slot=int(shared))
+    if reference == "auto":
+        nkb = math.ceil(k.shape[2] / bs)
+        fixed = params.rule != "top_k" and nkb >= FIXED_MIN_BLOCKS
+        reference = "fixed" if fixed else "block_max"
+    lm = launch_log_masses(q, k, rows, bs, first_slot=int(shared), reference=reference)
     return launch_select(lm, weights, q.shape[2], k.shape[2], k.shape[1], params, shared=shared)
