@@ -262,15 +262,26 @@ def _check_fixed_contract(got, exact, floor, atol):
     return int(lo.sum())
 
 
-def _fixed_vs_exact(q, k, rows, bs, first_slot, chunk=2):
-    from prism.kernels.estimation.probe_kernels import launch_log_masses
+def _fixed_vs_exact(q, k, rows, bs, first_slot, chunk=2, block_m=None, ref_atol=1e-3):
+    """Launch 1 on the fixed reference and the float64 log-masses, as visible entries (got,
+    exact, floor). Checks the launch's own state on the way: its references are the probes'
+    own base-2 scores + REF_MARGIN, and exactly the rows with a block sum past 2^128 of the
+    reference are flagged for the repair (rounding aside: +-0.5 bit)."""
+    from prism.kernels.estimation.probe_kernels import FLUSH_BITS, launch_log_masses
 
     sq, sk = q.shape[2], k.shape[2]
-    got = launch_log_masses(q, k, rows, bs, first_slot=first_slot, reference="fixed",
-                            kv_chunk=chunk)  # fmt: skip
+    got, ref, flags = launch_log_masses(q, k, rows, bs, first_slot=first_slot, kv_chunk=chunk,
+                                        block_m=block_m, reference="fixed",
+                                        return_state=True)  # fmt: skip
     r = rows[:, first_slot:]
     exact = naive_block_log_masses(q, k, r, bs).cpu()
-    floor = _fixed_reference_floor(q, k, r, bs).expand_as(exact)
+    floor = _fixed_reference_floor(q, k, r, bs)
+    want_ref = floor[..., 0] + FLUSH_BITS
+    torch.testing.assert_close(ref.double().cpu(), want_ref, atol=ref_atol, rtol=1e-5)
+    over = exact.amax(-1) - want_ref  # the largest block above the reference, bits
+    flagged = flags.cpu() != 0
+    assert flagged[over > 128.5].all() and not flagged[over < 127.5].any()
+    floor = floor.expand_as(exact)
     return [_visible_entries(t, sq, sk, bs) for t in (got.double().cpu(), exact, floor)]
 
 
@@ -303,7 +314,7 @@ def test_fixed_reference_keeps_its_contract(case):
 @needs_interpreter
 @pytest.mark.parametrize("case", ["gqa_batch2_ragged300", "shared_gqa_batch2_prefix", "min_prob"])
 def test_fixed_reference_selects_the_block_max_lists(case):
-    """The selection with launch 1 on the fixed reference (``"auto"`` takes it from 64K tokens)
+    """The selection with launch 1 on the fixed reference (``"auto"`` takes it from 512 KV blocks)
     equals the one on the block max."""
     b, hq, hkv, sq, sk, d, bs, probes, placement, params = CPU_CASES[case]
     q, k = _qk(b, hq, hkv, sq, sk, d)
@@ -318,38 +329,59 @@ def test_fixed_reference_selects_the_block_max_lists(case):
 
 
 def _overflow_inputs(device="cpu", dtype=torch.float32):
-    """A key that every probe of block 6 scores ~480 (base 2) above its own score + margin: the
-    fixed-reference block sums overflow there and only the repair pass can give those rows."""
+    """Block 6's probes (rows 192..223) score key 40 ~480 bits above their own score + margin
+    (the fixed-reference block sums overflow: only the repair pass can give those rows) and the
+    keys of block 2 ~520 bits below it (flushed against the reference, exact with the block
+    max)."""
     q, k = _qk(1, 2, 1, 256, 256, 32, structured=False)
     k[:, :, 40] = 8.0
+    k[:, :, 64:96] = -8.0
     q[:, :, 192:224] = 8.0
     return q.to(device, dtype), k.to(device, dtype)
 
 
 def _check_overflow_repaired(device, dtype, atol):
-    from prism.kernels.estimation.probe_kernels import REF_MARGIN
+    """Two query tiles (``block_m=16``: the repair walks unmasked and frontier blocks), both
+    KV chunkings: block 6's rows are flagged (checked in :func:`_fixed_vs_exact`) and exact
+    everywhere, below the floor too; the other rows keep the contract."""
+    from prism.kernels.estimation.probe_kernels import FLUSH_BITS, launch_log_masses
 
     q, k = _overflow_inputs(device, dtype)
     rows, _ = probe_layout(256, 32, 2, "ends", q.device)
     exact = naive_block_log_masses(q, k, rows, 32).cpu()
-    ref = (_fixed_reference_floor(q, k, rows, 32) + 99.0)[..., 0]  # own score + REF_MARGIN
-    assert REF_MARGIN == 32.0
-    over = exact.amax(-1) - ref > 128 + 5  # rows whose hot block sum overflows 2^128
+    floor = _fixed_reference_floor(q, k, rows, 32)[..., 0]
+    over = exact.amax(-1) - (floor + FLUSH_BITS) > 128 + 5  # block sums far past 2^128
     assert over[0, :, 6].all() and over.sum() == over[0, :, 6].numel()
-    got, exact_v, floor = _fixed_vs_exact(q, k, rows, 32, 0)
-    _check_fixed_contract(got, exact_v, floor, atol=atol)
-    # the repaired rows are exact everywhere, below the floor too (the block max again)
-    from prism.kernels.estimation.probe_kernels import launch_log_masses
-
-    lm = launch_log_masses(q, k, rows, 32, reference="fixed").double().cpu()
-    seen = torch.isfinite(exact[0, :, 6])
-    torch.testing.assert_close(lm[0, :, 6][seen], exact[0, :, 6][seen], atol=atol, rtol=1e-6)
-    assert (lm[0, :, 6][~seen] == float("-inf")).all() or not (~seen).any()
+    assert (exact[0, :, 6, :, 2] < floor[0, :, 6, :] - 300).all()  # block 2: far below
+    for chunk in (1, 2):
+        got, exact_v, floor_v = _fixed_vs_exact(q, k, rows, 32, 0, chunk, block_m=16,
+                                                ref_atol=5e-2)  # fmt: skip
+        _check_fixed_contract(got, exact_v, floor_v, atol=atol)
+        lm = launch_log_masses(q, k, rows, 32, reference="fixed", kv_chunk=chunk, block_m=16)
+        lm = lm.double().cpu()[0, :, 6, :, :7]  # block 6 sees KV blocks 0..6
+        assert torch.isfinite(exact[0, :, 6, :, :7]).all()
+        torch.testing.assert_close(lm, exact[0, :, 6, :, :7], atol=atol, rtol=1e-6)
 
 
 @needs_interpreter
 def test_fixed_reference_repairs_overflowed_rows():
     _check_overflow_repaired("cpu", torch.float32, atol=2e-4)
+
+
+def test_auto_reference_choice():
+    """``reference="auto"``: the fixed reference only for top-p / min-prob (a floor >= 1e-12)
+    from 512 KV blocks on."""
+    from prism.kernels.estimation.probe_op import FIXED_MIN_BLOCKS, pick_reference
+
+    assert FIXED_MIN_BLOCKS == 512
+    kp = ProbeKernelParams
+    assert pick_reference(kp(block_size=128), 512) == "fixed"
+    assert pick_reference(kp(block_size=128), 511) == "block_max"
+    assert pick_reference(kp(block_size=128, rule="top_k", top_k=8), 1024) == "block_max"
+    assert pick_reference(kp(block_size=128, rule="min_prob", min_prob=0.01), 1024) == "fixed"
+    assert pick_reference(kp(block_size=128, rule="min_prob", min_prob=1e-30), 1024) == (
+        "block_max"
+    )
 
 
 def test_kernel_params_and_bad_input():

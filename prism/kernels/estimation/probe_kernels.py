@@ -50,7 +50,8 @@ LOG2E = 1.4426950408889634
 # of a block's flushed terms is below 2^(ref - 119)); its probability in the probe's softmax is
 # then below 2^(REF_MARGIN - FLUSH_BITS) = 2^-67 (the own key alone holds 2^-REF_MARGIN of the
 # reference). A row in which a block sum overflows (a score above ref + ~120) is recomputed with
-# the block max by the repair pass: every entry of such a row is exact.
+# the block max by the repair pass: every entry of such a row is exact. (Blocks of up to 128 keys
+# in these bounds; 256, the largest block the estimator takes, moves each by one bit.)
 REF_MARGIN = 32.0
 FLUSH_BITS = 99.0
 REFERENCES = ("block_max", "fixed")
@@ -540,6 +541,7 @@ def launch_log_masses(
     kv_chunk: int = 2,
     first_slot: int = 0,
     reference: str = "block_max",
+    return_state: bool = False,
 ):
     """Launch 1 (shapes already checked by :mod:`.probe_op`): float32 [B, Hq, NQB, P, NKB] for
     the probe slots ``rows[:, first_slot:]`` (P of them; the ``shared`` layout skips slot 0
@@ -558,10 +560,14 @@ def launch_log_masses(
     against its own max). ``"fixed"`` (K schedule only): three launches — the rows' references
     (own score + :data:`REF_MARGIN`), the K-stationary pass against them (no per-block max) and
     the repair pass that recomputes, with the block max, every row in which a block sum
-    overflowed. Entries whose exact value is at least ``ref - FLUSH_BITS`` are exact (to float
-    rounding); lower ones (probability < 2^-67 in the probe's softmax) may be low or ``-inf``.
-    Enough for top-p and min-prob, which never keep such blocks; top-k, which may have to rank
-    them, takes the block max.
+    overflowed (a score ~120 bits above the reference, ~150 above the probe's own). Entries
+    whose exact value is at least ``ref - FLUSH_BITS`` are exact to 2^-19 relative (the flushed
+    subnormal terms of a block of <= 256 keys); lower ones (probability < 2^-67 in the probe's
+    softmax) may be low or ``-inf``. Enough for top-p and for min-prob above 2^-67, which never
+    keep such blocks; top-k, which may have to rank them, takes the block max
+    (:func:`.probe_op.pick_reference`). ``return_state=True`` also returns the references
+    (float32) and the overflow flags (int32), both ``[B, Hq, NQB, P]`` (``None`` for the block
+    max), for tests.
     """
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}; valid: {list(SCHEDULES)}")
@@ -639,6 +645,10 @@ def launch_log_masses(
         _log_mass_kstat_kernel[grid](*head, ref, flags, *args, KB=kv_chunk, FIXED=fixed, **meta)
     if fixed:  # the rows flagged above, again with the block max (no work where none is)
         _log_mass_kernel[(n_tiles, b * hkv)](*head, flags, *args, REPAIR=True, **meta)
+    if return_state:
+        if not fixed:
+            return out, None, None
+        return out, ref.view(b, hq, nqb, p), flags.view(b, hq, nqb, p)
     return out
 
 

@@ -7,7 +7,7 @@ The exact probe-query scorer (``prism.scorers.probe``, issue 11) as two Triton l
    x 8 query blocks; K is read once for the whole GQA group) against the causal KV blocks: per
    128-key block one ``tl.dot``, the block-local max ``m`` and sum ``l = Σ 2^(s - m)`` (base-2
    logits), written as one number ``m + log2 l`` per (probe row, KV block) — for top-p and
-   min-prob against a fixed per-row reference instead (the probe's own score + 32: no per-block
+   min-prob from 512 KV blocks on against a fixed per-row reference instead (the probe's own score + 32: no per-block
    max; a repair pass redoes the rows where a block sum overflows). By default one
    program per (pair of KV blocks, b, KV head) holds those K blocks and walks the query tiles
    that see them (K-stationary, ``schedule="k"``); ``schedule="q"`` runs one program per query
@@ -39,6 +39,7 @@ __all__ = [
     "probe_check_runnable",
     "probe_select_block_lists",
     "probe_unsupported_reason",
+    "pick_reference",
 ]
 
 MAX_HEAD_DIM = 256
@@ -47,6 +48,8 @@ MAX_HEAD_DIM = 256
 # block max 0.041 vs 0.030 ms at 8K (its two extra small launches), 0.165 vs 0.163 at 32K,
 # 1.55 vs 1.72 ms at 128K.
 FIXED_MIN_BLOCKS = 512
+# min-prob floors below this could keep a block the fixed reference may drop (< 2^-67 ~ 7e-21)
+FIXED_MIN_PROB = 1e-12
 
 
 @dataclass(frozen=True)
@@ -104,6 +107,17 @@ def _check_layout(rows: torch.Tensor, weights: torch.Tensor, nqb: int, sq: int, 
     return rows.shape[1]
 
 
+def pick_reference(params: ProbeKernelParams, nkb: int) -> str:
+    """Launch 1's reference for ``reference="auto"``: ``"fixed"`` for top-p, and for min-prob
+    with a floor >= :data:`FIXED_MIN_PROB`, from :data:`FIXED_MIN_BLOCKS` KV blocks on (where it
+    is faster); ``"block_max"`` otherwise (top-k may have to rank blocks below 2^-67)."""
+    if nkb < FIXED_MIN_BLOCKS or params.rule == "top_k":
+        return "block_max"
+    if params.rule == "min_prob" and float(params.min_prob) < FIXED_MIN_PROB:
+        return "block_max"
+    return "fixed"
+
+
 def probe_block_log_masses(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -156,8 +170,9 @@ def probe_block_probs_fused(
     """The probes' block-mass estimate float32 ``[B, Hq, NQB, NKB]`` from launch 1 (plus a
     PyTorch normalisation; for tests and studies — :func:`probe_select_block_lists` never
     materialises it). ``shared`` as there: launch 1 runs on slots 1.. only and slot 0 of block i
-    is block i − 1's last probe. ``reference`` as :func:`probe_block_log_masses` (the default is
-    the selection's: the probabilities are the same to float rounding, or below 2^-67)."""
+    is block i − 1's last probe. ``reference`` as :func:`probe_block_log_masses` (default
+    ``"fixed"``, the one the selection takes at long rows: the probabilities are the same to
+    float rounding, or below 2^-67)."""
     sq, sk = q.shape[2], k.shape[2]
     lm = probe_block_log_masses(q, k, rows, block_size, first_slot=int(shared), reference=reference)
     nqb, nkb = lm.shape[2], lm.shape[4]
@@ -195,10 +210,11 @@ def probe_select_block_lists(
     ``[B, Hq, NQB]`` / ``[B, Hq, NQB, NKB]``, laid out as ``prism.masks.bool_to_block_lists``
     (selected blocks ascending, then the unselected ones).
 
-    ``reference`` (launch 1's, see :func:`probe_block_log_masses`): ``"auto"`` takes the fixed
-    reference for top-p and min-prob (they never keep a block below 2^-67 of a probe's softmax,
-    where the fixed reference may be inexact) from :data:`FIXED_MIN_BLOCKS` KV blocks on, and
-    the block max for top-k (which may have to rank such blocks) and shorter rows.
+    ``reference`` (launch 1's, see :func:`probe_block_log_masses`): ``"auto"`` is
+    :func:`pick_reference` — the fixed reference for top-p and min-prob (they never keep a block
+    below 2^-67 of a probe's softmax, where the fixed reference may be inexact) from
+    :data:`FIXED_MIN_BLOCKS` KV blocks on, the block max for top-k (which may have to rank such
+    blocks) and for shorter rows.
     """
     if not isinstance(params, ProbeKernelParams):
         raise TypeError(f"params must be ProbeKernelParams, got {type(params).__name__}")
@@ -211,8 +227,6 @@ def probe_select_block_lists(
     if shared and rows.shape[1] < 2:
         raise ValueError("shared=True needs at least 2 probe slots (slot 0 is the shared one)")
     if reference == "auto":
-        nkb = math.ceil(k.shape[2] / bs)
-        fixed = params.rule != "top_k" and nkb >= FIXED_MIN_BLOCKS
-        reference = "fixed" if fixed else "block_max"
+        reference = pick_reference(params, math.ceil(k.shape[2] / bs))
     lm = launch_log_masses(q, k, rows, bs, first_slot=int(shared), reference=reference)
     return launch_select(lm, weights, q.shape[2], k.shape[2], k.shape[1], params, shared=shared)
