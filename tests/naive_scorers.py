@@ -87,6 +87,33 @@ def naive_meanpool(q, k, bs=128, p=0.95, force_sink=True, force_diagonal=True):
     return _finish(mask, sq, sk, bs, force_sink, force_diagonal)
 
 
+def naive_oracle(q, k, bs=128, p=0.95, force_sink=True, force_diagonal=True):
+    """float64 loops: each query's causal softmax added key by key into its block row, then
+    top-p over the block row's masses (and the forced blocks)."""
+    b, hq, sq, d = q.shape
+    hkv, sk = k.shape[1], k.shape[2]
+    g = hq // hkv
+    nqb, nkb = math.ceil(sq / bs), math.ceil(sk / bs)
+    qd, kd = q.double(), k.double()
+    mask = torch.zeros(b, hq, nqb, nkb, dtype=torch.bool)
+    for bb in range(b):
+        for h in range(hq):
+            for i in range(nqb):
+                acc = [0.0] * nkb
+                for t in range(i * bs, min((i + 1) * bs, sq)):
+                    a = (sk - sq) + t
+                    z = (kd[bb, h // g, : a + 1] @ qd[bb, h, t]) / math.sqrt(d)
+                    e = torch.exp(z - z.max())
+                    e = e / e.sum()
+                    for c in range(a + 1):
+                        acc[c // bs] += float(e[c])
+                vis = _visible(i, sq, sk, bs)
+                logits = [math.log(max(acc[j], 1e-300)) for j in vis]
+                for t in _top_p_row(logits, p):
+                    mask[bb, h, i, vis[t]] = True
+    return _finish(mask, sq, sk, bs, force_sink, force_diagonal)
+
+
 def naive_prism(
     q,
     k,
