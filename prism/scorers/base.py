@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 import torch
 
 from .._checks import check_qk, check_threshold
-from ..masks import RULES, BlockSelection, block_causal, check_block_size
+from ..masks import RULES, BlockSelection, apply_rule, block_causal, check_block_size
 
 SCORERS: dict[str, type[Scorer]] = {}
 
@@ -108,6 +108,21 @@ class Scorer:
 
     def select(self, q: torch.Tensor, k: torch.Tensor) -> BlockSelection:  # pragma: no cover
         raise NotImplementedError
+
+    def select_by_rule(self, q: torch.Tensor, k: torch.Tensor) -> BlockSelection:
+        """The standard selection of a scorer with ``block_probs(q, k)`` ([B, Hq, NQB, NKB] row
+        probabilities) and a :class:`ProbScorerConfig`: the rule over the causal blocks, then
+        the forced blocks. Top-p with ``threshold >= 1`` keeps every causal block without
+        computing the probabilities."""
+        c = self.config
+        sq, sk = q.shape[2], k.shape[2]
+        visible, _ = block_causal(sq, sk, c.block_size, q.device)
+        if c.rule == "top_p" and c.threshold >= 1.0:
+            keep = visible.expand(q.shape[0], q.shape[1], *visible.shape)
+            return self.finalize(keep, sq, sk)
+        probs = self.block_probs(q, k)  # type: ignore[attr-defined]
+        keep = apply_rule(probs, visible, c.rule, c.threshold, c.top_k, c.min_prob)
+        return self.finalize(keep, sq, sk)
 
     def finalize(self, keep: torch.Tensor, sq: int, sk: int, **info: Any) -> BlockSelection:
         """Add forced blocks (sink, partial/diagonal), clip to block-causal, wrap up.

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..masks import BlockSelection, apply_rule, block_causal
+from ..masks import BlockSelection
 from ..metrics import block_attention_mass
 from ._validate import check_int
 from .base import ProbScorerConfig, Scorer, register_scorer
@@ -84,11 +84,4 @@ class OracleScorer(Scorer):
         return _cached_probs(q, k, c.block_size, compute)
 
     def select(self, q: torch.Tensor, k: torch.Tensor) -> BlockSelection:
-        c = self.config
-        sq, sk = q.shape[2], k.shape[2]
-        visible, _ = block_causal(sq, sk, c.block_size, q.device)
-        if c.rule == "top_p" and c.threshold >= 1.0:
-            keep = visible.expand(q.shape[0], q.shape[1], *visible.shape)
-            return self.finalize(keep, sq, sk)
-        keep = apply_rule(self.block_probs(q, k), visible, c.rule, c.threshold, c.top_k, c.min_prob)
-        return self.finalize(keep, sq, sk)
+        return self.select_by_rule(q, k)

@@ -45,7 +45,7 @@ from ..kernels.estimation.probe_op import (
     probe_select_block_lists,
     probe_unsupported_reason,
 )
-from ..masks import BlockSelection, apply_rule, block_causal
+from ..masks import BlockSelection
 from ._fused_ops import auto_takes_fused, probe_params_key
 from ._validate import check_int
 from .base import ProbScorerConfig, Scorer, register_scorer
@@ -259,15 +259,7 @@ class ProbeScorer(Scorer):
 
     def select_torch(self, q: torch.Tensor, k: torch.Tensor) -> BlockSelection:
         """The PyTorch path (chunked exact probe softmax, then ``masks.select``'s rule)."""
-        c = self.config
-        sq, sk = q.shape[2], k.shape[2]
-        visible, _ = block_causal(sq, sk, c.block_size, q.device)
-        if c.rule == "top_p" and c.threshold >= 1.0:
-            keep = visible.expand(q.shape[0], q.shape[1], *visible.shape)
-            return self.finalize(keep, sq, sk)
-        probs = self.block_probs(q, k)
-        keep = apply_rule(probs, visible, c.rule, c.threshold, c.top_k, c.min_prob)
-        return self.finalize(keep, sq, sk)
+        return self.select_by_rule(q, k)
 
     def select(self, q: torch.Tensor, k: torch.Tensor) -> BlockSelection:
         path = self.resolve_impl(q, k)
