@@ -90,6 +90,12 @@ def test_evaluate_helpers_on_synthetic_layers(qk_mass):
     assert len(out["recall_per_head"]) == 2 and len(out["recall_per_head"][0]) == 4
     assert 0 < out["density"] <= 1 and 0 < out["recall"] <= 1
     assert out["recall_min"] <= out["recall"]
+    # block probabilities computed beforehand: the scorer's rule applied to those, not its own
+    mp = prism.build_scorer("meanpool", block_size=64, threshold=0.8, impl="torch")
+    orac = prism.build_scorer("oracle", block_size=64, threshold=0.8)
+    probs = {i: orac.block_probs(ld.q, ld.k) for i, ld in layers.items()}
+    assert evaluate_scorer(mp, layers, probs) == evaluate_scorer(orac, layers)
+    assert evaluate_scorer(mp, layers, probs)["recall"] != evaluate_scorer(mp, layers)["recall"]
     orc = evaluate_oracle(layers, 0.95, "head")
     assert orc["recall"] >= 0.95 - 1e-6
     value, dens = match_density({"scorer": "meanpool", "block_size": 64}, layers, 0.5)

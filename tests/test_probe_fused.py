@@ -264,7 +264,7 @@ def _check_fixed_contract(got, exact, floor, atol):
 
 def _fixed_vs_exact(q, k, rows, bs, first_slot, chunk=2, block_m=None, ref_atol=1e-3):
     """Launch 1 on the fixed reference and the float64 log-masses, as visible entries (got,
-    exact, floor). Checks the launch's own state on the way: its references are the probes'
+    exact, floor), and the launch's whole output. Checks the launch's own state on the way: its references are the probes'
     own base-2 scores + REF_MARGIN, and exactly the rows with a block sum past 2^128 of the
     reference are flagged for the repair (rounding aside: +-0.5 bit)."""
     from prism.kernels.estimation.probe_kernels import FLUSH_BITS, launch_log_masses
@@ -282,7 +282,8 @@ def _fixed_vs_exact(q, k, rows, bs, first_slot, chunk=2, block_m=None, ref_atol=
     flagged = flags.cpu() != 0
     assert flagged[over > 128.5].all() and not flagged[over < 127.5].any()
     floor = floor.expand_as(exact)
-    return [_visible_entries(t, sq, sk, bs) for t in (got.double().cpu(), exact, floor)]
+    vis = [_visible_entries(t, sq, sk, bs) for t in (got.double().cpu(), exact, floor)]
+    return (*vis, got)
 
 
 FIXED_CASES = [  # (B, Hq, Hkv, Sq, Sk, D, BS, P, placement, sharpen)
@@ -305,7 +306,7 @@ def test_fixed_reference_keeps_its_contract(case):
     q = q * sharpen
     rows, _ = probe_layout(sq, bs, probes, placement)
     for chunk in (1, 2):
-        got, exact, floor = _fixed_vs_exact(q, k, rows, bs, int(placement == "shared"), chunk)
+        got, exact, floor, _ = _fixed_vs_exact(q, k, rows, bs, int(placement == "shared"), chunk)
         n_low = _check_fixed_contract(got, exact, floor, atol=2e-4)
         if sharpen > 1:
             assert n_low > 0
@@ -344,7 +345,7 @@ def _check_overflow_repaired(device, dtype, atol):
     """Two query tiles (``block_m=16``: the repair walks unmasked and frontier blocks), both
     KV chunkings: block 6's rows are flagged (checked in :func:`_fixed_vs_exact`) and exact
     everywhere, below the floor too; the other rows keep the contract."""
-    from prism.kernels.estimation.probe_kernels import FLUSH_BITS, launch_log_masses
+    from prism.kernels.estimation.probe_kernels import FLUSH_BITS
 
     q, k = _overflow_inputs(device, dtype)
     rows, _ = probe_layout(256, 32, 2, "ends", q.device)
@@ -354,10 +355,9 @@ def _check_overflow_repaired(device, dtype, atol):
     assert over[0, :, 6].all() and over.sum() == over[0, :, 6].numel()
     assert (exact[0, :, 6, :, 2] < floor[0, :, 6, :] - 300).all()  # block 2: far below
     for chunk in (1, 2):
-        got, exact_v, floor_v = _fixed_vs_exact(q, k, rows, 32, 0, chunk, block_m=16,
-                                                ref_atol=5e-2)  # fmt: skip
+        got, exact_v, floor_v, lm = _fixed_vs_exact(q, k, rows, 32, 0, chunk, block_m=16,
+                                                    ref_atol=5e-2)  # fmt: skip
         _check_fixed_contract(got, exact_v, floor_v, atol=atol)
-        lm = launch_log_masses(q, k, rows, 32, reference="fixed", kv_chunk=chunk, block_m=16)
         lm = lm.double().cpu()[0, :, 6, :, :7]  # block 6 sees KV blocks 0..6
         assert torch.isfinite(exact[0, :, 6, :, :7]).all()
         torch.testing.assert_close(lm, exact[0, :, 6, :, :7], atol=atol, rtol=1e-6)
@@ -398,6 +398,10 @@ def test_kernel_params_and_bad_input():
         probe_select_block_lists(q, k[:, :1], rows, w, {"block_size": 32})
     with pytest.raises(ValueError, match="Sq <= Sk"):
         probe_block_log_masses(q, k[:, :1, :10], rows, 32)
+    with pytest.raises(ValueError, match="'auto', 'block_max', 'fixed'"):
+        probe_select_block_lists(
+            q, k[:, :1], rows, w, ProbeKernelParams(block_size=32), reference="exact"
+        )
 
 
 def test_auto_uses_torch_on_cpu():
@@ -469,7 +473,7 @@ def test_gpu_fixed_reference_keeps_the_contract_and_the_lists(sq, sk, sharpen):
     q, k = _qk(1, 32, 8, sq, sk, 128, torch.bfloat16, "cuda")
     q = q * sharpen
     rows, w = probe_layout(sq, 128, 2, "shared", q.device)
-    got, exact, floor = _fixed_vs_exact(q, k, rows, 128, 1)
+    got, exact, floor, _ = _fixed_vs_exact(q, k, rows, 128, 1)
     _check_fixed_contract(got, exact, floor, atol=2e-3)
     params = ProbeKernelParams(block_size=128, threshold=0.95)
     lists = []

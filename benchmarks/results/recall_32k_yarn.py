@@ -10,6 +10,10 @@ floor, no forced blocks). Prints one line per estimator: recall interpolated at 
 0.10 / 0.15 / 0.20 / 0.25 / 0.30 / 0.40.
 
     python benchmarks/results/recall_32k_yarn.py > benchmarks/results/recall_32k_yarn.log
+
+After the logged run (1719 s) its loops were replaced by ``prism.eval.recall.evaluate_scorer``
+(with precomputed ``probs``) and ``evaluate_oracle``; not re-run since. The same change to
+``probe_temperature_explore.py`` reproduces that script's logged 4K line digit for digit.
 """
 
 from __future__ import annotations
@@ -20,10 +24,8 @@ from pathlib import Path
 import torch
 
 from prism.eval.config import load_experiment
-from prism.eval.recall import oracle_selection, recall_at_density, selection_stats
+from prism.eval.recall import evaluate_oracle, evaluate_scorer, recall_at_density
 from prism.eval.runner import Runner
-from prism.masks import apply_rule, block_causal
-from prism.metrics import attention_recall
 from prism.scorers import build_scorer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -55,50 +57,30 @@ def main() -> None:
         ld.mass  # noqa: B018 (computed once here, timed)
     print(f"captured + masses at {LENGTH}: {time.time() - t0:.0f} s", flush=True)
 
-    def sweep(name, scorer, probs=None):
+    def sweep(name, scorer, probs=None, **cfg):
         pts = []
         for th in TH:
-            rs, ds = [], []
-            for li, ld in layers.items():
-                sq = ld.q.shape[2]
-                if probs is None:
-                    sel = build_scorer(name, threshold=th)(ld.q, ld.k)
-                else:
-                    vis, _ = block_causal(sq, sq, 128)
-                    keep = apply_rule(probs[li], vis, "top_p", th, 0, 0.0)
-                    sel = scorer.finalize(keep, sq, sq)
-                st = selection_stats(ld.mass, sel)
-                rs.append(st["recall"][0].mean().item())
-                ds.append(st["density"][0].mean().item())
-            pts.append((sum(ds) / len(ds), sum(rs) / len(rs)))
+            res = evaluate_scorer(build_scorer(scorer, threshold=th, **cfg), layers, probs)
+            pts.append((res["density"], res["recall"]))
         print(f"{name}: {fmt([recall_at_density(pts, d) for d in DENS])}", flush=True)
 
     # the row floor (no forced blocks)
     pts = []
     for t in TARGETS:
-        rs, ds = [], []
-        for ld in layers.values():
-            vis = ld.visible()
-            sel = oracle_selection(ld.mass, t, "row") & vis
-            rs.append(attention_recall(ld.mass, sel)[0].mean().item())
-            ds.append((sel.sum(dim=(-2, -1)).float() / vis.sum().float())[0].mean().item())
-        pts.append((sum(ds) / len(ds), sum(rs) / len(rs)))
+        o = evaluate_oracle(layers, t, "row")
+        pts.append((o["density"], o["recall"]))
     print(f"oracle-row: {fmt([recall_at_density(pts, d) for d in DENS])}", flush=True)
-    oracle = build_scorer("oracle")
-    sweep(
-        "oracle-topp",
-        oracle,
-        {li: ld.mass / ld.mass.sum(-1, keepdim=True) for li, ld in layers.items()},
-    )
+    probs = {li: ld.mass / ld.mass.sum(-1, keepdim=True) for li, ld in layers.items()}
+    sweep("oracle-topp", "oracle", probs)
     for p in (2, 4):
-        sc = build_scorer("probe", probes=p, placement="shared", impl="torch")
-        sweep(
-            f"probe shared P={p}", sc, {li: sc.block_probs(ld.q, ld.k) for li, ld in layers.items()}
-        )
+        cfg = dict(probes=p, placement="shared", impl="torch")
+        sc = build_scorer("probe", **cfg)
+        probs = {li: sc.block_probs(ld.q, ld.k) for li, ld in layers.items()}
+        sweep(f"probe shared P={p}", "probe", probs, **cfg)
     mp = build_scorer("meanpool", impl="torch")
-    sweep("meanpool", mp, {li: mp.block_probs(ld.q, ld.k) for li, ld in layers.items()})
-    sweep("prism", None)
-    sweep("xattn", None)
+    sweep("meanpool", "meanpool", {li: mp.block_probs(ld.q, ld.k) for li, ld in layers.items()})
+    sweep("prism", "prism")
+    sweep("xattn", "xattn")
     print(f"total {time.time() - t0:.0f} s", flush=True)
 
 

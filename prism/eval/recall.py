@@ -123,8 +123,15 @@ class LayerData:
         return visible
 
 
-def evaluate_scorer(scorer, layers: Mapping[int, LayerData]) -> dict[str, Any]:
-    """Run ``scorer`` on each captured layer: per-layer/head stats and averages (batch 1)."""
+def evaluate_scorer(
+    scorer, layers: Mapping[int, LayerData], probs: Mapping[int, torch.Tensor] | None = None
+) -> dict[str, Any]:
+    """Run ``scorer`` on each captured layer: per-layer/head stats and averages (batch 1).
+
+    ``probs``: block probabilities computed beforehand per layer ([B, Hq, NQB, NKB]); the
+    scorer's rule and forced blocks are applied to them
+    (:meth:`prism.scorers.Scorer.select_by_rule`), so a threshold sweep scores each layer once.
+    """
     per: dict[str, list[list[float]]] = {
         "recall": [],
         "density": [],
@@ -137,7 +144,7 @@ def evaluate_scorer(scorer, layers: Mapping[int, LayerData]) -> dict[str, Any]:
             raise ValueError(
                 f"layer data made for block_size {ld.block_size}, scorer uses {scorer.block_size}"
             )
-        sel = scorer(ld.q, ld.k)
+        sel = scorer(ld.q, ld.k) if probs is None else scorer.select_by_rule(ld.q, ld.k, probs[idx])
         stats = selection_stats(ld.mass, sel)
         for name, val in stats.items():
             per[name].append(val[0].tolist())

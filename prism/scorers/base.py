@@ -109,18 +109,22 @@ class Scorer:
     def select(self, q: torch.Tensor, k: torch.Tensor) -> BlockSelection:  # pragma: no cover
         raise NotImplementedError
 
-    def select_by_rule(self, q: torch.Tensor, k: torch.Tensor) -> BlockSelection:
+    def select_by_rule(
+        self, q: torch.Tensor, k: torch.Tensor, probs: torch.Tensor | None = None
+    ) -> BlockSelection:
         """The standard selection of a scorer with ``block_probs(q, k)`` ([B, Hq, NQB, NKB] row
         probabilities) and a :class:`ProbScorerConfig`: the rule over the causal blocks, then
         the forced blocks. Top-p with ``threshold >= 1`` keeps every causal block without
-        computing the probabilities."""
+        computing the probabilities. ``probs``: use these instead of ``block_probs(q, k)`` (a
+        study sweeping the rule over estimates computed once)."""
         c = self.config
         sq, sk = q.shape[2], k.shape[2]
         visible, _ = block_causal(sq, sk, c.block_size, q.device)
         if c.rule == "top_p" and c.threshold >= 1.0:
             keep = visible.expand(q.shape[0], q.shape[1], *visible.shape)
             return self.finalize(keep, sq, sk)
-        probs = self.block_probs(q, k)  # type: ignore[attr-defined]
+        if probs is None:
+            probs = self.block_probs(q, k)  # type: ignore[attr-defined]
         keep = apply_rule(probs, visible, c.rule, c.threshold, c.top_k, c.min_prob)
         return self.finalize(keep, sq, sk)
 

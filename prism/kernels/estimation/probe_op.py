@@ -228,5 +228,7 @@ def probe_select_block_lists(
         raise ValueError("shared=True needs at least 2 probe slots (slot 0 is the shared one)")
     if reference == "auto":
         reference = pick_reference(params, math.ceil(k.shape[2] / bs))
+    elif reference not in ("block_max", "fixed"):
+        raise ValueError(f"unknown reference {reference!r}; valid: ['auto', 'block_max', 'fixed']")
     lm = launch_log_masses(q, k, rows, bs, first_slot=int(shared), reference=reference)
     return launch_select(lm, weights, q.shape[2], k.shape[2], k.shape[1], params, shared=shared)
