@@ -104,9 +104,12 @@ def naive_probe(
     p=0.95,
     force_sink=True,
     force_diagonal=True,
+    probs=None,
 ) -> torch.Tensor:
-    """bool [B, Hq, NQB, NKB]: top-p on the probe estimate plus the forced blocks."""
-    probs = naive_probe_probs(q, k, bs, probes, placement)
+    """bool [B, Hq, NQB, NKB]: top-p on the probe estimate (or on ``probs``, float [B, Hq, NQB,
+    NKB], when given) plus the forced blocks."""
+    if probs is None:
+        probs = naive_probe_probs(q, k, bs, probes, placement)
     b, hq, nqb, nkb = probs.shape
     sq, sk = q.shape[2], k.shape[2]
     mask = torch.zeros(b, hq, nqb, nkb, dtype=torch.bool)
@@ -125,3 +128,38 @@ def naive_probe(
                     if (force_sink and j == 0) or (force_diagonal and partial):
                         mask[bb, h, i, j] = True
     return mask
+
+
+def naive_pooled_key_probs(q, k, bs=128, stride=8) -> torch.Tensor:
+    """float64 [B, Hq, NQB, NKB]: the pooled-key estimate of the probe scorer's ``pooled_mix``.
+
+    Query block i (L rows) uses rows ``o = stride//2, stride//2 + stride, ... < L`` (its last row
+    when there is none). Row t (absolute position a = Sk - Sq + i·bs + t) scores each key block j
+    with ``j·bs <= a`` by ``q_t · mean(k of block j) / sqrt(D) + log(n_j)`` (n_j the block's real
+    keys, the whole block even where it passes a), takes the softmax over those blocks; the
+    block's rows are averaged."""
+    b, hq, sq, d = q.shape
+    hkv, sk = k.shape[1], k.shape[2]
+    g = hq // hkv
+    prefix = sk - sq
+    nqb, nkb = math.ceil(sq / bs), math.ceil(sk / bs)
+    out = torch.zeros(b, hq, nqb, nkb, dtype=torch.float64)
+    for bb in range(b):
+        for h in range(hq):
+            keys = k[bb, h // g].double()
+            means = [keys[j * bs : min((j + 1) * bs, sk)].mean(0) for j in range(nkb)]
+            counts = [min((j + 1) * bs, sk) - j * bs for j in range(nkb)]
+            for i in range(nqb):
+                length = min(bs, sq - i * bs)
+                offs = list(range(stride // 2, length, stride)) or [length - 1]
+                for o in offs:
+                    a = prefix + i * bs + o
+                    vis = [j for j in range(nkb) if j * bs <= a]
+                    qv = q[bb, h, i * bs + o].double()
+                    z = torch.stack(
+                        [qv @ means[j] / math.sqrt(d) + math.log(counts[j]) for j in vis]
+                    )
+                    pr = torch.softmax(z, 0)
+                    for n, j in enumerate(vis):
+                        out[bb, h, i, j] += float(pr[n]) / len(offs)
+    return out

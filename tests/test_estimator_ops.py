@@ -26,6 +26,10 @@ SCORERS = {
     "prism": dict(scorer="prism", impl="triton", threshold=0.8, block_size=64),
     "probe": dict(scorer="probe", impl="triton", threshold=0.8, block_size=64, probes=2),
     "meanpool": dict(scorer="meanpool", impl="triton", threshold=0.8, block_size=64),
+    # the pooled-key mixture: launch 1 + PyTorch in the opaque probe_block_probs op, rule traced
+    "probe_pooled": dict(
+        scorer="probe", impl="triton", threshold=0.8, block_size=64, pooled_mix=0.3
+    ),
 }
 
 
@@ -47,6 +51,8 @@ def test_opcheck_both_ops():
     )
     key = probe_params_key(pb.kernel_params(), 2, "ends")
     torch.library.opcheck(torch.ops.prism.probe_select_lists.default, (q, k, key))
+    mix = prism.build_scorer(SCORERS["probe_pooled"])
+    torch.library.opcheck(torch.ops.prism.probe_block_probs.default, (q, k, mix.config_key))
 
 
 def _check_fullgraph_matches_eager(params, dynamic, shapes, to=lambda t: t, tol=1e-5):

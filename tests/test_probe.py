@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from _peak_memory import probe_peak_extra
 from naive_probe import naive_probe, naive_probe_probs, naive_probe_rows
 
 import prism
@@ -223,31 +224,8 @@ def test_probes_equal_block_size_is_allowed():
     assert prism.build_scorer("probe", block_size=64, probes=64).config.probes == 64
 
 
-MEMORY_SCRIPT = """
-import json, resource, torch
-import prism
-torch.manual_seed(0)
-B, HQ, HKV, S, D = 1, 8, 2, 32768, 64
-q = torch.randn(B, HQ, S, D)
-k = torch.randn(B, HKV, S, D)
-scorer = prism.build_scorer("probe", probes=2, chunk_mb=8, threshold=0.9)
-scorer(q[:, :, :1024], k[:, :, :1024])  # warm up code paths and the allocator
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-sel = scorer(q, k)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(json.dumps({"extra": peak - base, "nkb": sel.mask.shape[-1]}))
-"""
-
-
 def test_memory_is_bounded_by_the_chunk():
-    import json
-    import subprocess
-    import sys
-
-    res = subprocess.run(
-        [sys.executable, "-c", MEMORY_SCRIPT], capture_output=True, text=True, check=True
-    )
-    r = json.loads(res.stdout.strip().splitlines()[-1])
+    r = probe_peak_extra(probes=2)
     assert r["nkb"] == 256
     chunk = 8 << 20
     block_level = 8 * 256 * 256 * 4  # one fp32 [B, Hq, NQB, NKB]: 2 MiB

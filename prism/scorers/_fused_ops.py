@@ -13,7 +13,10 @@ fake implementations; the real ones are the eager launchers):
   be symbolic while tracing);
 * ``torch.ops.prism.probe_select_lists(q, k, params_key)`` —
   :func:`prism.kernels.estimation.probe_op.probe_select_block_lists` over the probe layout of ``params_key``'s ``probes``
-  and ``placement`` (``prism.scorers.probe.probe_layout``, built inside the op: eager code).
+  and ``placement`` (``prism.scorers.probe.probe_layout``, built inside the op: eager code);
+* ``torch.ops.prism.probe_block_probs(q, k, config_key)`` — the probe scorer's eager
+  ``block_probs`` (launch 1 + the pooled-key mixture, ``pooled_mix`` > 0) for the config of
+  ``config_key``: float32 ``[B, Hq, NQB, NKB]``; the rule runs in the graph.
 
 The keys are JSON strings (compile-time constants; parsed once and cached): ``config_key`` the
 scorer's name and config fields, ``params_key`` ``{"kernel": ProbeKernelParams, "probes": P,
@@ -40,6 +43,7 @@ from ..kernels.estimation.probe_op import ProbeKernelParams, probe_select_block_
 __all__ = [
     "auto_takes_fused",
     "config_key",
+    "probe_block_probs_op",
     "prism_select_lists_op",
     "probe_params_key",
     "probe_select_lists_op",
@@ -123,3 +127,17 @@ def probe_select_lists_op(
 @probe_select_lists_op.register_fake
 def _(q, k, params):
     return _fake_lists(q, k, _probe_params(params)[0].block_size)
+
+
+@torch.library.custom_op("prism::probe_block_probs", mutates_args=())
+def probe_block_probs_op(q: Tensor, k: Tensor, config: str) -> Tensor:
+    """The probe scorer's block probabilities, computed eagerly (see the module docstring)."""
+    return _fused_scorer(config).block_probs(q, k)
+
+
+@probe_block_probs_op.register_fake
+def _(q, k, config):
+    bs = int(json.loads(config)["block_size"])
+    nqb = (q.shape[2] + bs - 1) // bs
+    nkb = (k.shape[2] + bs - 1) // bs
+    return q.new_empty((q.shape[0], q.shape[1], nqb, nkb), dtype=torch.float32)
