@@ -238,6 +238,23 @@ def pooled_rows(length: int, stride: int) -> list[int]:
     return list(range(first, length, stride)) if first < length else [length - 1]
 
 
+@functools.lru_cache(maxsize=256)
+def _pooled_layout(sq: int, bs: int, stride: int, device: str):
+    """The pooled estimate's rows (int64, query-local), the query block owning each (int64) and
+    its weight 1 / rows of that block (float32), cached per (Sq, BS, stride, device)."""
+    rows, owner, weight = [], [], []
+    for i in range(-(-sq // bs)):
+        offs = pooled_rows(min(bs, sq - i * bs), stride)
+        rows += [i * bs + o for o in offs]
+        owner += [i] * len(offs)
+        weight += [1.0 / len(offs)] * len(offs)
+    return (
+        torch.tensor(rows, device=device),
+        torch.tensor(owner, device=device),
+        torch.tensor(weight, dtype=torch.float32, device=device),
+    )
+
+
 def pooled_key_block_probs(
     q: torch.Tensor, k: torch.Tensor, block_size: int, stride: int = 8, chunk_mb: int = 256
 ) -> torch.Tensor:
@@ -259,19 +276,11 @@ def pooled_key_block_probs(
     count[-1] = float(sk - (nkb - 1) * bs)
     kmean_t = (ksum / count[:, None]).transpose(-1, -2)  # [B, Hkv, D, NKB]
     log_count = count.log()
-    rows, owner, weight = [], [], []
-    for i in range(nqb):
-        offs = pooled_rows(min(bs, sq - i * bs), stride)
-        rows += [i * bs + o for o in offs]
-        owner += [i] * len(offs)
-        weight += [1.0 / len(offs)] * len(offs)
-    rows_t = torch.tensor(rows, device=dev)
-    owner_t = torch.tensor(owner, device=dev)
-    weight_t = torch.tensor(weight, dtype=torch.float32, device=dev)
+    rows_t, owner_t, weight_t = _pooled_layout(int(sq), bs, int(stride), str(dev))
     cols = torch.arange(nkb, device=dev)
     out = torch.zeros(b, hq, nqb, nkb, dtype=torch.float32, device=dev)
     per_chunk = max(1, (chunk_mb << 20) // (b * hq * nkb * 4))  # query rows per step
-    for r0 in range(0, len(rows), per_chunk):
+    for r0 in range(0, rows_t.numel(), per_chunk):
         r = rows_t[r0 : r0 + per_chunk]
         n = r.numel()
         qr = q.index_select(2, r).float().view(b, hkv, g * n, d)
