@@ -125,6 +125,18 @@ elif [ "$phase" = session7 ]; then
     lengths=[8192,32768] \
     "policies=[dense,prism,$NL,$NL:placement=shared,$NL:placement=shared+probes=3]" \
     reps=3 warmup=1 parts=false out=$OUT/model_graph_s7_h200 2>&1 | grep -v Warning | tail -12
+elif [ "$phase" = session11 ]; then  # prepared in session 11 (no device then): the pooled mixture
+  PP=cfg:prism/configs/policies/smollm2_probe_pooled.yaml
+  NL=cfg:prism/configs/policies/smollm2_probe_near_lossless.yaml
+  timeout 150 python3 -m pytest -q -m gpu tests/test_probe_pooled.py tests/test_estimator_ops.py \
+    tests/test_probe_fused.py 2>&1 | tee $OUT/gpu_tests_session11.log | tail -4
+  timeout 90 python3 benchmarks/bench_estimators.py out=$OUT tag=probe_pooled_s11_h200 \
+    lengths=[8192,32768,131072] rep_ms=100 \
+    'scorers=[probe,probe:pooled_mix=0.3,probe:probes=3+pooled_mix=0.2]' \
+    2>&1 | grep -v Warning | grep "^\["
+  timeout ${SMOL_T:-300} python3 benchmarks/bench_model.py gguf=$GGUF compile=true graph=true \
+    lengths=[8192,32768] "policies=[dense,prism,$NL,$PP]" \
+    reps=3 warmup=1 parts=false out=$OUT/model_graph_s11_h200 2>&1 | grep -v Warning | tail -12
 elif [ "$phase" = eightb7 ]; then
   timeout ${EIGHTB_T:-300} python3 benchmarks/bench_model.py model=random-llama8b compile=true \
     graph=true check=false lengths=[131072] "policies=[dense,topk:0.2]" reps=1 warmup=1 \
