@@ -262,8 +262,8 @@ def pooled_key_block_probs(
 
     q [B, Hq, Sq, D], k [B, Hkv, Sk, D] (Sk >= Sq). Logits of the chosen query rows against the
     NKB mean keys ([B, Hkv, NKB, D] float32; GQA by viewing the rows as [B, Hkv, G·rows, D], K
-    never repeated), chunked so that at most ``chunk_mb`` MiB of ``[rows, NKB]`` logits live at
-    once: block-level memory, never [Sq, Sk].
+    never repeated), chunked so that ``[rows, NKB]`` logits of ``chunk_mb`` MiB per step (about twice that with
+    the softmax's output) live at once: block-level memory, never [Sq, Sk].
     """
     b, hq, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
@@ -312,7 +312,8 @@ class ProbeScorer(Scorer):
         )
         # the fused op's key, a plain string (Dynamo reads it as a constant of the graph)
         self.op_key = probe_params_key(self._kernel_params, c.probes, c.placement)
-        self.config_key = config_key(c, "probe")  # the block-probability op's (pooled_mix > 0)
+        # the block-probability op's key (pooled_mix > 0 only: the JSON needs plain field values)
+        self.config_key = config_key(c, "probe") if c.pooled_mix > 0 else None
 
     def block_probs(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """float32 [B, Hq, NQB, NKB]: the block-mass estimate (rows sum to 1): the probes',
