@@ -1,0 +1,56 @@
+import sys, time, math, torch
+from prism.eval.recall import LayerData, evaluate_scorer, recall_at_density
+from prism.scorers import build_scorer
+torch.set_num_threads(int(sys.argv[2]) if len(sys.argv) > 2 else 2)
+L = int(sys.argv[1])
+raw = torch.load(f"/tmp/cap/L{L}.pt")
+layers = {}
+for li, d in raw.items():
+    ld = LayerData(d["q"], d["k"], d["bs"], d["chunk"]); ld._mass = d["mass"]; layers[li] = ld
+TH = [0.1, 0.3, 0.5, 0.7, 0.8, 0.85, 0.88, 0.9, 0.92, 0.94, 0.96, 0.97, 0.98, 0.99, 0.995]
+MP = [0.3, 0.1, 0.05, 0.03, 0.02, 0.015, 0.01, 0.007, 0.005, 0.003, 0.002, 0.0015, 0.001, 7e-4, 5e-4, 3e-4, 2e-4, 1e-4, 5e-5, 2e-5, 1e-5]
+DENS = [0.10, 0.15, 0.20, 0.25, 0.30, 0.40]
+res = {}
+def sweep(name, probs, rule="top_p"):
+    pts = []
+    for v in (TH if rule == "top_p" else MP):
+        kw = dict(threshold=v) if rule == "top_p" else dict(rule="min_prob", min_prob=v)
+        r = evaluate_scorer(build_scorer("probe", impl="torch", **kw), layers, probs)
+        pts.append((r["density"], r["recall"]))
+    res[name] = [recall_at_density(pts, d) for d in DENS]
+    ref = res.get("oracle top_p")
+    s = " / ".join("  –   " if x is None else f"{x:.4f}" for x in res[name])
+    if ref:
+        g = [None if (a is None or b is None) else a - b for a, b in zip(res[name], ref)]
+        s += "   gap " + " ".join("  –  " if x is None else f"{x:+.4f}" for x in g)
+    print(f"{name:34s} {s}", flush=True)
+norm = lambda p: p / p.sum(-1, keepdim=True).clamp_min(1e-30)
+def rows_vs_pooled_keys(q, k, bs=128):
+    b, hq, sq, d = q.shape; hkv = k.shape[1]; g = hq // hkv
+    nkb = -(-k.shape[2] // bs); nqb = -(-sq // bs)
+    kb = torch.nn.functional.pad(k, (0, 0, 0, nkb * bs - k.shape[2])).view(b, hkv, nkb, bs, d).mean(3)
+    kb = kb.repeat_interleave(g, 1)
+    out = torch.zeros(b, hq, nqb, nkb)
+    for i in range(nqb):
+        qi = q[:, :, i*bs:(i+1)*bs]
+        lg = qi @ kb[:, :, : i + 1].transpose(-1, -2) / math.sqrt(d)
+        out[:, :, i, : i + 1] = torch.softmax(lg, -1).mean(2)
+    return out
+t0 = time.time()
+tp = {li: norm(ld.mass) for li, ld in layers.items()}
+sweep("oracle top_p", tp)
+sweep("oracle min_prob", tp, "min_prob")
+rk = {li: rows_vs_pooled_keys(ld.q, ld.k) for li, ld in layers.items()}
+xs = build_scorer("xattn")
+xa = {li: xs.block_scores(ld.q, ld.k) for li, ld in layers.items()}
+for P in (2, 4, 8):
+    sc = build_scorer("probe", impl="torch", probes=P, placement="shared")
+    pp = {li: sc.block_probs(ld.q, ld.k) for li, ld in layers.items()}
+    sweep(f"P={P} top_p", pp)
+    if P == 8:
+        continue
+    sweep(f"P={P} min_prob", pp, "min_prob")
+    for a in (0.15, 0.3):
+        sweep(f"P={P} + {a} rows-vs-pooled-keys", {li: norm((1 - a) * pp[li] + a * rk[li]) for li in layers})
+        sweep(f"P={P} + {a} xattn", {li: norm((1 - a) * pp[li] + a * xa[li]) for li in layers})
+print("total", time.time() - t0, flush=True)
