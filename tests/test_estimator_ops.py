@@ -26,7 +26,8 @@ SCORERS = {
     "prism": dict(scorer="prism", impl="triton", threshold=0.8, block_size=64),
     "probe": dict(scorer="probe", impl="triton", threshold=0.8, block_size=64, probes=2),
     "meanpool": dict(scorer="meanpool", impl="triton", threshold=0.8, block_size=64),
-    # the pooled-key mixture: launch 1 + PyTorch in the opaque probe_block_probs op, rule traced
+    # the pooled-key mixture: the probe_select_lists op (launch 1, the pooled launches, launch 2
+    # mixing them); its block_probs through the opaque probe_block_probs op
     "probe_pooled": dict(
         scorer="probe", impl="triton", threshold=0.8, block_size=64, pooled_mix=0.3
     ),
@@ -53,6 +54,7 @@ def test_opcheck_both_ops():
     torch.library.opcheck(torch.ops.prism.probe_select_lists.default, (q, k, key))
     mix = prism.build_scorer(SCORERS["probe_pooled"])
     torch.library.opcheck(torch.ops.prism.probe_block_probs.default, (q, k, mix.config_key))
+    torch.library.opcheck(torch.ops.prism.probe_select_lists.default, (q, k, mix.op_key))
 
 
 def _check_fullgraph_matches_eager(params, dynamic, shapes, to=lambda t: t, tol=1e-5):

@@ -53,6 +53,7 @@ import torch
 
 from ..kernels.estimation.probe_op import (
     ProbeKernelParams,
+    pooled_key_probs_fused,
     probe_block_probs_fused,
     probe_select_block_lists,
     probe_unsupported_reason,
@@ -79,8 +80,8 @@ class ProbeConfig(ProbScorerConfig):
         PyTorch), ``torch`` or ``triton`` (raises where it cannot run). The same selection up to
         float rounding at the rule's boundary (tested against each other and the float64 loop).
     pooled_mix: α in [0, 1), the weight of the pooled-key estimate (module docstring); 0 = the
-        probes alone. With α > 0 the Triton path runs the probes' launch 1 and PyTorch does the
-        rest (the pooled estimate, the mixture, the rule).
+        probes alone. With α > 0 the Triton path adds the pooled estimate's two launches
+        (``prism.kernels.estimation.pooled_kernels``) and mixes it in inside the select launch.
     pooled_stride: s, every s-th query row enters the pooled-key estimate, 1 <= s <= block_size.
     """
 
@@ -309,6 +310,8 @@ class ProbeScorer(Scorer):
             min_prob=float(c.min_prob),
             force_sink=bool(c.force_sink),
             force_diagonal=bool(c.force_diagonal),
+            pooled_mix=float(c.pooled_mix),
+            pooled_stride=int(c.pooled_stride),
         )
         # the fused op's key, a plain string (Dynamo reads it as a constant of the graph)
         self.op_key = probe_params_key(self._kernel_params, c.probes, c.placement)
@@ -318,8 +321,10 @@ class ProbeScorer(Scorer):
     def block_probs(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """float32 [B, Hq, NQB, NKB]: the block-mass estimate (rows sum to 1): the probes',
         mixed with the pooled-key estimate when ``pooled_mix`` > 0. With ``pooled_mix`` > 0 the
-        probes come from the fused launch 1 where :meth:`resolve_impl` says ``"triton"``
-        (inside ``torch.compile`` through the opaque ``prism::probe_block_probs`` op)."""
+        probes and the pooled estimate come from the fused launches where :meth:`resolve_impl`
+        says ``"triton"`` (inside ``torch.compile`` through the opaque
+        ``prism::probe_block_probs`` op); the selection itself (:meth:`select`) never
+        materialises this tensor on that path."""
         c = self.config
         if c.pooled_mix == 0:
             return probe_block_probs(q, k, c.block_size, c.probes, c.placement, c.chunk_mb)
@@ -330,9 +335,10 @@ class ProbeScorer(Scorer):
             rows, weights = probe_layout(q.shape[2], c.block_size, c.probes, c.placement, q.device)
             shared = shares_probes(c.placement, c.probes)
             probs = probe_block_probs_fused(q, k, rows, weights, c.block_size, shared)
+            pooled = pooled_key_probs_fused(q, k, c.block_size, c.pooled_stride)
         else:
             probs = probe_block_probs(q, k, c.block_size, c.probes, c.placement, c.chunk_mb)
-        pooled = pooled_key_block_probs(q, k, c.block_size, c.pooled_stride, c.chunk_mb)
+            pooled = pooled_key_block_probs(q, k, c.block_size, c.pooled_stride, c.chunk_mb)
         return probs.mul_(1.0 - c.pooled_mix).add_(pooled, alpha=c.pooled_mix)
 
     def kernel_params(self) -> ProbeKernelParams:
@@ -367,9 +373,7 @@ class ProbeScorer(Scorer):
 
     def select(self, q: torch.Tensor, k: torch.Tensor) -> BlockSelection:
         path = self.resolve_impl(q, k)
-        if self.config.pooled_mix > 0:  # launch 1 where triton, then PyTorch (block_probs)
-            sel = self.select_by_rule(q, k)
-        elif path == "triton":
+        if path == "triton":
             sel = self.select_triton(q, k)
         else:
             sel = self.select_torch(q, k)

@@ -409,18 +409,21 @@ def _probe_probs(row, j, vis, w):
 
 @triton.jit
 def _probe_tile(
-    lm_ptr, w_ptr, kv_num_ptr, kv_idx_ptr, full_num_ptr, full_idx_ptr,
-    b, qt, gt, kvh, HQ, G, SQ, NQB, NKB, PREFIX, target,
+    lm_ptr, w_ptr, pool_ptr, kv_num_ptr, kv_idx_ptr, full_num_ptr, full_idx_ptr,
+    b, qt, gt, kvh, HQ, G, SQ, NQB, NKB, PREFIX, target, alpha,
     P: tl.constexpr, RULE: tl.constexpr, KEEP_ALL: tl.constexpr, FORCE_SINK: tl.constexpr,
     FORCE_DIAG: tl.constexpr, BS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_Q: tl.constexpr,
     BLOCK_N: tl.constexpr, TUPLE_REDUCE: tl.constexpr, SHARED: tl.constexpr,
-    QUAD: tl.constexpr,
+    QUAD: tl.constexpr, MIX: tl.constexpr,
 ):  # fmt: skip
     """One tile of R = BLOCK_G x BLOCK_Q rows whose visible KV blocks fit in BLOCK_N.
 
     ``SHARED``: the weights rows hold P + 1 slots, slot 0 for the probe shared with the previous
     query block (its last probe, launch 1's slot P - 1 of block i - 1; it sees the KV blocks up
-    to the one holding position ``PREFIX + i·BS - 1``), slots 1..P for the P own probes."""
+    to the one holding position ``PREFIX + i·BS - 1``), slots 1..P for the P own probes.
+
+    ``MIX``: the probe average is mixed with the pooled-key estimate, ``(1 - alpha)·probes +
+    alpha·pooled`` (``pool_ptr``: float32 [B, Hq, NQB, NKB], read on the visible blocks only)."""
     R: tl.constexpr = BLOCK_G * BLOCK_Q
     r, qi, row_ok, bh, j, nvis, vis, part = _tile_rows(
         b, qt, gt, kvh, HQ, G, SQ, NQB, NKB, PREFIX, BS, BLOCK_G, BLOCK_Q, BLOCK_N
@@ -445,6 +448,10 @@ def _probe_tile(
             last_prev = tl.where(has_prev, (PREFIX + qi_c * BS - 1) // BS, -1)
             pvis = j[None, :] <= last_prev[:, None]
             prob += _probe_probs(row, j, pvis, w)
+        if MIX:
+            pool_row = pool_ptr + (bh_c.to(tl.int64) * NQB + qi_c) * NKB
+            pooled = tl.load(pool_row[:, None] + j[None, :], mask=vis, other=0.0)
+            prob = prob * (1.0 - alpha) + pooled * alpha
         if RULE == 2:
             sel = vis & (prob >= target)
         elif QUAD:
@@ -462,6 +469,7 @@ def _probe_tile(
 def _probe_select_kernel(
     lm_ptr,
     w_ptr,
+    pool_ptr,
     kv_num_ptr,
     kv_idx_ptr,
     full_num_ptr,
@@ -474,6 +482,7 @@ def _probe_select_kernel(
     NKB,
     PREFIX,
     target,
+    alpha,
     n_q_tiles,
     n_g_tiles,
     P: tl.constexpr,
@@ -489,6 +498,7 @@ def _probe_select_kernel(
     TUPLE_REDUCE: tl.constexpr,
     SHARED: tl.constexpr,
     QUAD: tl.constexpr,
+    MIX: tl.constexpr,
 ):
     qt, gt, _, b, kvh = _program_tile(n_q_tiles, n_g_tiles, HKV)
     # causal tiers (as in the Prism select kernel): a tile whose rows see at most a quarter
@@ -499,29 +509,29 @@ def _probe_select_kernel(
     if TIERS and N4 >= 16:
         if tile_nvis <= N4:
             _probe_tile(
-                lm_ptr, w_ptr, kv_num_ptr, kv_idx_ptr, full_num_ptr, full_idx_ptr,
-                b, qt, gt, kvh, HQ, G, SQ, NQB, NKB, PREFIX, target,
-                P, RULE, KEEP_ALL, FORCE_SINK, FORCE_DIAG, BS, BLOCK_G, BLOCK_Q, N4, TUPLE_REDUCE, SHARED, QUAD,
+                lm_ptr, w_ptr, pool_ptr, kv_num_ptr, kv_idx_ptr, full_num_ptr, full_idx_ptr,
+                b, qt, gt, kvh, HQ, G, SQ, NQB, NKB, PREFIX, target, alpha,
+                P, RULE, KEEP_ALL, FORCE_SINK, FORCE_DIAG, BS, BLOCK_G, BLOCK_Q, N4, TUPLE_REDUCE, SHARED, QUAD, MIX,
             )  # fmt: skip
         elif tile_nvis <= N2:
             _probe_tile(
-                lm_ptr, w_ptr, kv_num_ptr, kv_idx_ptr, full_num_ptr, full_idx_ptr,
-                b, qt, gt, kvh, HQ, G, SQ, NQB, NKB, PREFIX, target,
-                P, RULE, KEEP_ALL, FORCE_SINK, FORCE_DIAG, BS, BLOCK_G, BLOCK_Q, N2, TUPLE_REDUCE, SHARED, QUAD,
+                lm_ptr, w_ptr, pool_ptr, kv_num_ptr, kv_idx_ptr, full_num_ptr, full_idx_ptr,
+                b, qt, gt, kvh, HQ, G, SQ, NQB, NKB, PREFIX, target, alpha,
+                P, RULE, KEEP_ALL, FORCE_SINK, FORCE_DIAG, BS, BLOCK_G, BLOCK_Q, N2, TUPLE_REDUCE, SHARED, QUAD, MIX,
             )  # fmt: skip
         else:
             _probe_tile(
-                lm_ptr, w_ptr, kv_num_ptr, kv_idx_ptr, full_num_ptr, full_idx_ptr,
-                b, qt, gt, kvh, HQ, G, SQ, NQB, NKB, PREFIX, target,
+                lm_ptr, w_ptr, pool_ptr, kv_num_ptr, kv_idx_ptr, full_num_ptr, full_idx_ptr,
+                b, qt, gt, kvh, HQ, G, SQ, NQB, NKB, PREFIX, target, alpha,
                 P, RULE, KEEP_ALL, FORCE_SINK, FORCE_DIAG, BS, BLOCK_G, BLOCK_Q, BLOCK_N,
-                TUPLE_REDUCE, SHARED, QUAD,
+                TUPLE_REDUCE, SHARED, QUAD, MIX,
             )  # fmt: skip
     else:
         _probe_tile(
-            lm_ptr, w_ptr, kv_num_ptr, kv_idx_ptr, full_num_ptr, full_idx_ptr,
-            b, qt, gt, kvh, HQ, G, SQ, NQB, NKB, PREFIX, target,
+            lm_ptr, w_ptr, pool_ptr, kv_num_ptr, kv_idx_ptr, full_num_ptr, full_idx_ptr,
+            b, qt, gt, kvh, HQ, G, SQ, NQB, NKB, PREFIX, target, alpha,
             P, RULE, KEEP_ALL, FORCE_SINK, FORCE_DIAG, BS, BLOCK_G, BLOCK_Q, BLOCK_N,
-            TUPLE_REDUCE, SHARED, QUAD,
+            TUPLE_REDUCE, SHARED, QUAD, MIX,
         )  # fmt: skip
 
 
@@ -664,8 +674,14 @@ def launch_select(
     shared: bool = False,
     search: str = "auto",
     return_kernel: bool = False,
+    pooled=None,
+    alpha: float = 0.0,
 ):
     """Launch 2: the four block lists from launch 1's log-masses and the probe weights.
+
+    ``pooled`` (float32 ``[B, Hq, NQB, NKB]``, :func:`.pooled_kernels.launch_pooled_probs`) with
+    ``alpha`` in (0, 1): the rule runs on ``(1 - alpha)·probes + alpha·pooled`` (the probe
+    scorer's ``pooled_mix``); only the visible entries of ``pooled`` are read.
 
     ``shared``: the ``shared`` probe placement — ``lm`` holds each block's P own probes (launch 1
     on slots 1..P of the layout) and ``weights`` is the whole ``[NQB, P + 1]`` layout, slot 0
@@ -722,9 +738,18 @@ def launch_select(
     full_num = torch.empty(b, hq, nqb, device=dev, dtype=torch.int32)
     kv_idx = torch.empty(b, hq, nqb, nkb, device=dev, dtype=torch.int32)
     full_idx = torch.empty(b, hq, nqb, nkb, device=dev, dtype=torch.int32)
+    mix = pooled is not None and float(alpha) > 0.0
+    if mix and (pooled.shape != (b, hq, nqb, nkb) or pooled.dtype != torch.float32):
+        raise ValueError(
+            f"pooled must be float32 [{b}, {hq}, {nqb}, {nkb}], got {pooled.dtype} "
+            f"{tuple(pooled.shape)}"
+        )
+    if mix and not pooled.is_contiguous():
+        pooled = pooled.contiguous()
     kernel = _probe_select_kernel[(n_q_tiles * n_g_tiles * b * hkv,)](
         lm,
         weights,
+        pooled if mix else lm,
         kv_num,
         kv_idx,
         full_num,
@@ -737,6 +762,7 @@ def launch_select(
         nkb,
         sk - sq,
         target,
+        float(alpha) if mix else 0.0,
         n_q_tiles,
         n_g_tiles,
         P=p,
@@ -752,6 +778,7 @@ def launch_select(
         TUPLE_REDUCE=dev.type != "cpu",
         SHARED=bool(shared),
         QUAD=pick_search(search, rule, block_n) == "quad",
+        MIX=mix,
         num_warps=warps,
     )
     lists = (kv_num, kv_idx, full_num, full_idx)

@@ -40,6 +40,7 @@ __all__ = [
     "probe_select_block_lists",
     "probe_unsupported_reason",
     "pick_reference",
+    "pooled_key_probs_fused",
 ]
 
 MAX_HEAD_DIM = 256
@@ -58,6 +59,8 @@ class ProbeKernelParams:
 
     block_size: BS.  rule: ``top_p`` | ``top_k`` | ``min_prob``; threshold / top_k / min_prob its
     parameter.  force_sink / force_diagonal: always keep KV block 0 / the partial blocks.
+    pooled_mix / pooled_stride: α and s of the pooled-key mixture (α = 0: the probes alone; α > 0:
+    a third launch, :func:`.pooled_kernels.launch_pooled_probs`, and launch 2 mixes it in).
     """
 
     block_size: int
@@ -67,8 +70,17 @@ class ProbeKernelParams:
     min_prob: float = 0.01
     force_sink: bool = True
     force_diagonal: bool = True
+    pooled_mix: float = 0.0
+    pooled_stride: int = 8
 
     def __post_init__(self) -> None:
+        if not 0.0 <= float(self.pooled_mix) < 1.0:
+            raise ValueError(f"pooled_mix must be in [0, 1), got {self.pooled_mix}")
+        if not 1 <= int(self.pooled_stride) <= int(self.block_size):
+            raise ValueError(
+                f"pooled_stride must be in [1, block_size={self.block_size}], "
+                f"got {self.pooled_stride}"
+            )
         if self.rule not in RULE_CODES:
             raise ValueError(f"unknown rule {self.rule!r}; valid rules: {list(RULE_CODES)}")
         if int(self.block_size) < 1:
@@ -191,6 +203,20 @@ def probe_block_probs_fused(
     return (p * weights.to(p.device, torch.float32)[:, :, None]).sum(3)
 
 
+def pooled_key_probs_fused(
+    q: torch.Tensor, k: torch.Tensor, block_size: int, stride: int = 8
+) -> torch.Tensor:
+    """The pooled-key estimate (``prism.scorers.probe.pooled_key_block_probs``) in two Triton
+    launches (:mod:`.pooled_kernels`): float32 ``[B, Hq, NQB, NKB]``, rows summing to 1, zero past
+    each query block's visible KV blocks. q [B, Hq, Sq, D], k [B, Hkv, Sk, D] (Sk >= Sq)."""
+    probe_check_runnable(q, k, block_size)
+    if not 1 <= int(stride) <= int(block_size):
+        raise ValueError(f"stride must be in [1, block_size={block_size}], got {stride}")
+    from .pooled_kernels import launch_pooled_probs
+
+    return launch_pooled_probs(q, k, block_size, stride)
+
+
 def probe_select_block_lists(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -215,6 +241,10 @@ def probe_select_block_lists(
     below 2^-67 of a probe's softmax, where the fixed reference may be inexact) from
     :data:`FIXED_MIN_BLOCKS` KV blocks on, the block max for top-k (which may have to rank such
     blocks) and for shorter rows.
+
+    ``params.pooled_mix`` > 0: the pooled-key estimate (:func:`pooled_key_probs_fused`'s two
+    launches, written into a scratch ``[B, Hq, NQB, NKB]`` float32) is mixed into the probes'
+    inside launch 2, before the rule.
     """
     if not isinstance(params, ProbeKernelParams):
         raise TypeError(f"params must be ProbeKernelParams, got {type(params).__name__}")
@@ -231,4 +261,14 @@ def probe_select_block_lists(
     elif reference not in ("block_max", "fixed"):
         raise ValueError(f"unknown reference {reference!r}; valid: ['auto', 'block_max', 'fixed']")
     lm = launch_log_masses(q, k, rows, bs, first_slot=int(shared), reference=reference)
-    return launch_select(lm, weights, q.shape[2], k.shape[2], k.shape[1], params, shared=shared)
+    pooled, alpha = None, float(params.pooled_mix)
+    if alpha > 0:  # launch 2 reads only the visible entries: no zero fill needed
+        from .pooled_kernels import launch_pooled_probs
+
+        nqb, nkb = lm.shape[2], lm.shape[4]
+        buf = torch.empty(q.shape[0], q.shape[1], nqb, nkb, device=q.device, dtype=torch.float32)
+        pooled = launch_pooled_probs(q, k, bs, int(params.pooled_stride), out=buf)
+    return launch_select(
+        lm, weights, q.shape[2], k.shape[2], k.shape[1], params, shared=shared,
+        pooled=pooled, alpha=alpha,
+    )  # fmt: skip
