@@ -17,18 +17,22 @@
 #   bash benchmarks/run_h200.sh session7 # shared probes: GPU tests, estimators, SmolLM2 8K/32K
 #   bash benchmarks/run_h200.sh eightb7  # 8B shape graphed at 128K, 20 % (count-only top-k search)
 #   bash benchmarks/run_h200.sh eightb9  # 8B shape graphed at 128K, 20 %, 3 timed pre-fills each
+#   bash benchmarks/run_h200.sh session11 # pooled mixture, PyTorch rule (prepared in session 11, not run)
+#   bash benchmarks/run_h200.sh session12 # fused pooled mixture: GPU tests, estimator cost
+#   bash benchmarks/run_h200.sh model12  # SmolLM2 graphed: dense, Prism, near-lossless, pooled policy
 set -uo pipefail
 phase=${1:-model}
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
-if [ ! -d /root/b ]; then
+# the bundle, once all four parts are there (the session12 phase runs without it: no FA4, no GGUF)
+if [ ! -d /root/b ] && [ "$(ls /root/x/p0* 2>/dev/null | wc -l)" = 4 ]; then
   cat /root/x/p0* > /root/bundle.tar
   (cd /root/x && md5sum /root/bundle.tar | awk '{print $1}' | diff - <(awk '{print $1}' /root/x/bundle.md5)) \
     || { echo "bundle checksum mismatch"; exit 3; }
   mkdir -p /root/b && tar -xf /root/bundle.tar -C /root/b
 fi
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-  /root/b/whl/*.whl ${WS:-.wsmall}/*.whl >/dev/null 2>&1
+  $(ls /root/b/whl/*.whl 2>/dev/null) ${WS:-.wsmall}/*.whl >/dev/null 2>&1
 export PYTHONPATH=/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages:$PWD PYTHONUNBUFFERED=1
 python3 -c "import flash_attn.cute, torch; print('FA4 import ok; torch', torch.__version__)"
 GGUF=/root/b/SmolLM2-135M-Instruct.Q4_1.gguf
@@ -137,6 +141,20 @@ elif [ "$phase" = session11 ]; then  # prepared in session 11 (no device then): 
   timeout ${SMOL_T:-300} python3 benchmarks/bench_model.py gguf=$GGUF compile=true graph=true \
     lengths=[8192,32768] "policies=[dense,prism,$NL,$PP]" \
     reps=3 warmup=1 parts=false out=$OUT/model_graph_s11_h200 2>&1 | grep -v Warning | tail -12
+elif [ "$phase" = session12 ]; then  # the pooled mixture fused on the GPU: tests, estimator cost
+  timeout 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_pooled_fused.py \
+    tests/test_probe_pooled.py tests/test_estimator_ops.py tests/test_probe_fused.py 2>&1 \
+    | tee $OUT/gpu_tests_session12.log | tail -4
+  timeout 150 python3 benchmarks/bench_estimators.py out=$OUT tag=probe_pooled_s12_h200 \
+    lengths=[8192,32768,131072] rep_ms=100 \
+    'scorers=[prism,probe,probe:pooled_mix=0.3,probe:pooled_mix=0.3+pooled_stride=16,probe:probes=3+pooled_mix=0.2,probe:pooled_mix=0.3+impl=torch]' \
+    2>&1 | grep -v Warning | tail -24
+elif [ "$phase" = model12 ]; then  # the real model: Prism, the calibrated and the pooled policy
+  PP=cfg:prism/configs/policies/smollm2_probe_pooled.yaml
+  NL=cfg:prism/configs/policies/smollm2_probe_near_lossless.yaml
+  timeout ${SMOL_T:-450} python3 benchmarks/bench_model.py gguf=$GGUF compile=true graph=true \
+    lengths=${SMOL_LENGTHS:-[8192,32768,131072]} "policies=[dense,prism,$NL,$PP]" reps=3 \
+    warmup=1 parts=false out=$OUT/model_graph_s12_h200 2>&1 | grep -v Warning | tail -16
 elif [ "$phase" = eightb7 ]; then
   timeout ${EIGHTB_T:-300} python3 benchmarks/bench_model.py model=random-llama8b compile=true \
     graph=true check=false lengths=[131072] "policies=[dense,topk:0.2]" reps=1 warmup=1 \

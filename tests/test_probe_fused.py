@@ -296,6 +296,14 @@ FIXED_CASES = [  # (B, Hq, Hkv, Sq, Sk, D, BS, P, placement, sharpen)
 ]
 
 
+def _score_atol(exact):
+    """Tolerance (log2) of launch 1's entries against float64: 2e-4 plus the float32 rounding
+    of the scores themselves, ~2^-20 of the largest base-2 score (the block-max path rounds the
+    same: both are off by 2.6e-4 on the 6x-sharpened case, |score| ~1200 bits, under
+    Triton 3.9's interpreter)."""
+    return 2e-4 + 2.0**-20 * exact[torch.isfinite(exact)].abs().max().item()
+
+
 @needs_interpreter
 @pytest.mark.parametrize("case", range(len(FIXED_CASES)))
 def test_fixed_reference_keeps_its_contract(case):
@@ -307,7 +315,7 @@ def test_fixed_reference_keeps_its_contract(case):
     rows, _ = probe_layout(sq, bs, probes, placement)
     for chunk in (1, 2):
         got, exact, floor, _ = _fixed_vs_exact(q, k, rows, bs, int(placement == "shared"), chunk)
-        n_low = _check_fixed_contract(got, exact, floor, atol=2e-4)
+        n_low = _check_fixed_contract(got, exact, floor, atol=_score_atol(exact))
         if sharpen > 1:
             assert n_low > 0
 

@@ -69,6 +69,14 @@ VARIANTS = [  # (label, alpha, stride, beta, temp)
     ("var alone /8 b=1", 1.0, 8, 1.0, 1.0),
     ("pooled alone /8", 1.0, 8, 0.0, 1.0),
 ]
+VARIANTS_LONG = [  # at 32K (the miss of session 11: P=2 + pooled 0.3 /8 at -0.0103)
+    ("P=2 + pooled 0.3 /8", 0.3, 8, 0.0, 1.0),
+    ("P=2 + pooled 0.25 /8", 0.25, 8, 0.0, 1.0),
+    ("P=2 + pooled 0.35 /8", 0.35, 8, 0.0, 1.0),
+    ("P=2 + pooled 0.3 /4", 0.3, 4, 0.0, 1.0),
+    ("P=2 + var 0.3 /8 b=.5", 0.3, 8, 0.5, 1.0),
+    ("P=2 + var 0.35 /8 b=.5", 0.35, 8, 0.5, 1.0),
+]
 
 
 def main() -> None:
@@ -90,7 +98,7 @@ def main() -> None:
         probe = {li: sc.block_probs(ld.q, ld.k) for li, ld in layers.items()}
         print(f"{'probe P=2 (default)':24s} {fmt(sweep(layers, 'probe', probe), ref)}", flush=True)
         cache: dict = {}
-        for label, alpha, stride, beta, temp in VARIANTS:
+        for label, alpha, stride, beta, temp in VARIANTS if length <= 8192 else VARIANTS_LONG:
             key = (stride, beta, temp)
             if key not in cache:
                 cache[key] = {
