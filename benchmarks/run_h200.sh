@@ -20,6 +20,7 @@
 #   bash benchmarks/run_h200.sh session11 # pooled mixture, PyTorch rule (prepared in session 11, not run)
 #   bash benchmarks/run_h200.sh session12 # fused pooled mixture: GPU tests, estimator cost
 #   bash benchmarks/run_h200.sh model12  # SmolLM2 graphed: dense, Prism, near-lossless, pooled policy
+#   bash benchmarks/run_h200.sh all12    # the two above in one call (GPU tests and estimators trimmed)
 set -uo pipefail
 phase=${1:-model}
 OUT=${OUT:-/tmp/out}
@@ -149,6 +150,18 @@ elif [ "$phase" = session12 ]; then  # the pooled mixture fused on the GPU: test
     lengths=[8192,32768,131072] rep_ms=100 \
     'scorers=[prism,probe,probe:pooled_mix=0.3,probe:pooled_mix=0.3+pooled_stride=16,probe:probes=3+pooled_mix=0.2,probe:pooled_mix=0.3+impl=torch]' \
     2>&1 | grep -v Warning | tail -24
+elif [ "$phase" = all12 ]; then  # one call: the GPU tests, the estimator cost, the real model
+  timeout 120 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_pooled_fused.py \
+    tests/test_probe_pooled.py 2>&1 | tee $OUT/gpu_tests_session12.log | tail -3
+  timeout 80 python3 benchmarks/bench_estimators.py out=$OUT tag=probe_pooled_s12_h200 \
+    lengths=[8192,32768,131072] rep_ms=50 \
+    'scorers=[probe,probe:pooled_mix=0.3,probe:probes=3+pooled_mix=0.2]' 2>&1 | grep -v Warning \
+    | tail -12
+  PP=cfg:prism/configs/policies/smollm2_probe_pooled.yaml
+  NL=cfg:prism/configs/policies/smollm2_probe_near_lossless.yaml
+  timeout ${SMOL_T:-360} python3 benchmarks/bench_model.py gguf=$GGUF compile=true graph=true \
+    lengths=[8192,32768,131072] "policies=[dense,prism,$NL,$PP]" reps=3 warmup=1 parts=false \
+    out=$OUT/model_graph_s12_h200 2>&1 | grep -v Warning | tail -16
 elif [ "$phase" = model12 ]; then  # the real model: Prism, the calibrated and the pooled policy
   PP=cfg:prism/configs/policies/smollm2_probe_pooled.yaml
   NL=cfg:prism/configs/policies/smollm2_probe_near_lossless.yaml
