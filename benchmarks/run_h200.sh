@@ -155,13 +155,13 @@ elif [ "$phase" = all12 ]; then  # one call: the GPU tests, the estimator cost, 
     tests/test_probe_pooled.py 2>&1 | tee $OUT/gpu_tests_session12.log | tail -3
   timeout 80 python3 benchmarks/bench_estimators.py out=$OUT tag=probe_pooled_s12_h200 \
     lengths=[8192,32768,131072] rep_ms=50 \
-    'scorers=[probe,probe:pooled_mix=0.3,probe:probes=3+pooled_mix=0.2]' 2>&1 | grep -v Warning \
+    'scorers=[probe,probe:pooled_mix=0.3,probe:pooled_mix=0.3+pooled_var=0.5,probe:probes=3+pooled_mix=0.2]' 2>&1 | grep -v Warning \
     | tail -12
   PP=cfg:prism/configs/policies/smollm2_probe_pooled.yaml
   NL=cfg:prism/configs/policies/smollm2_probe_near_lossless.yaml
   timeout ${SMOL_T:-360} python3 benchmarks/bench_model.py gguf=$GGUF compile=true graph=true \
-    lengths=[8192,32768,131072] "policies=[dense,prism,$NL,$PP]" reps=3 warmup=1 parts=false \
-    out=$OUT/model_graph_s12_h200 2>&1 | grep -v Warning | tail -16
+    lengths=[8192,32768,131072] "policies=[dense,prism,$PP,$PP:pooled_var=0.5]" reps=3 warmup=1 \
+    parts=false out=$OUT/model_graph_s12_h200 2>&1 | grep -v Warning | tail -16
 elif [ "$phase" = model12 ]; then  # the real model: Prism, the calibrated and the pooled policy
   PP=cfg:prism/configs/policies/smollm2_probe_pooled.yaml
   NL=cfg:prism/configs/policies/smollm2_probe_near_lossless.yaml
