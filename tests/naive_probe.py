@@ -130,15 +130,14 @@ def naive_probe(
     return mask
 
 
-def naive_pooled_key_probs(q, k, bs=128, stride=8, var=0.0) -> torch.Tensor:
+def naive_pooled_key_probs(q, k, bs=128, stride=8) -> torch.Tensor:
     """float64 [B, Hq, NQB, NKB]: the pooled-key estimate of the probe scorer's ``pooled_mix``.
 
     Query block i (L rows) uses rows ``o = stride//2, stride//2 + stride, ... < L`` (its last row
     when there is none). Row t (absolute position a = Sk - Sq + i·bs + t) scores each key block j
     with ``j·bs <= a`` by ``q_t · mean(k of block j) / sqrt(D) + log(n_j)`` (n_j the block's real
-    keys, the whole block even where it passes a), plus ``var · ½ · Σ_d q_d² σ²_jd / D``
-    (σ²_jd the population variance of dim d over the block's keys), takes the softmax over
-    those blocks; the block's rows are averaged."""
+    keys, the whole block even where it passes a), takes the softmax over those blocks; the
+    block's rows are averaged."""
     b, hq, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
     g = hq // hkv
@@ -149,9 +148,6 @@ def naive_pooled_key_probs(q, k, bs=128, stride=8, var=0.0) -> torch.Tensor:
         for h in range(hq):
             keys = k[bb, h // g].double()
             means = [keys[j * bs : min((j + 1) * bs, sk)].mean(0) for j in range(nkb)]
-            varis = [
-                keys[j * bs : min((j + 1) * bs, sk)].var(0, unbiased=False) for j in range(nkb)
-            ]
             counts = [min((j + 1) * bs, sk) - j * bs for j in range(nkb)]
             for i in range(nqb):
                 length = min(bs, sq - i * bs)
@@ -161,12 +157,7 @@ def naive_pooled_key_probs(q, k, bs=128, stride=8, var=0.0) -> torch.Tensor:
                     vis = [j for j in range(nkb) if j * bs <= a]
                     qv = q[bb, h, i * bs + o].double()
                     z = torch.stack(
-                        [
-                            qv @ means[j] / math.sqrt(d)
-                            + var * 0.5 * float((qv * qv) @ varis[j]) / d
-                            + math.log(counts[j])
-                            for j in vis
-                        ]
+                        [qv @ means[j] / math.sqrt(d) + math.log(counts[j]) for j in vis]
                     )
                     pr = torch.softmax(z, 0)
                     for n, j in enumerate(vis):

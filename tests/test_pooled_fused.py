@@ -59,22 +59,21 @@ def _visible(sq, sk, bs):
 @needs_interpreter
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("var", [0.0, 0.5])
-def test_fused_pooled_estimate_matches_float64_reference(case, dtype, var):
+def test_fused_pooled_estimate_matches_float64_reference(case, dtype):
     b, hq, hkv, sq, sk, d, bs, stride = CASES[case]
     q, k = _qk(b, hq, hkv, sq, sk, d)
     q, k = q.to(dtype), k.to(dtype)
     nqb, nkb = -(-sq // bs), -(-sk // bs)
     out = torch.full((b, hq, nqb, nkb), float("nan"))  # poisoned: only visible entries written
-    got = launch_pooled_probs(q, k, bs, stride, out=out, var=var)
+    got = launch_pooled_probs(q, k, bs, stride, out=out)
     assert got is out
     vis = _visible(sq, sk, bs).expand_as(got)
     assert torch.isnan(got[~vis]).all()  # nothing past the visible blocks is touched
-    ref = naive_pooled_key_probs(q.float(), k.float(), bs, stride, var)
+    ref = naive_pooled_key_probs(q.float(), k.float(), bs, stride)
     atol = 2e-6 if dtype == torch.float32 else 5e-6  # fp16: the means split in two halves
     torch.testing.assert_close(got[vis].double(), ref[vis], atol=atol, rtol=0)
     # the public wrapper: zeros past the visible blocks, rows summing to 1
-    full = pooled_key_probs_fused(q, k, bs, stride, var)
+    full = pooled_key_probs_fused(q, k, bs, stride)
     assert torch.equal(full[~vis], torch.zeros_like(full[~vis]))
     torch.testing.assert_close(full.sum(-1), torch.ones(b, hq, nqb), atol=1e-5, rtol=0)
 
@@ -99,7 +98,6 @@ SELECT_CASES = {
     "ragged1000_g3": (1, 6, 2, 1000, 1000, 32, 128, {"threshold": 0.9}),
     "batch2_prefix": (2, 4, 2, 290, 700, 32, 64, {"threshold": 0.85, "pooled_stride": 3}),
     "ends_p3_block32": (1, 4, 1, 500, 500, 32, 32, {"probes": 3, "placement": "ends"}),
-    "spread_term": (1, 6, 2, 700, 900, 32, 64, {"pooled_var": 0.5, "threshold": 0.92}),
     "top_k": (1, 4, 2, 600, 600, 32, 32, {"rule": "top_k", "top_k": 4}),
     "min_prob_no_forced": (
         1, 4, 2, 600, 600, 32, 32,
@@ -126,7 +124,7 @@ def test_fused_mixture_selection_matches_reference_rule(case):
     if c.rule == "top_p":
         a = c.pooled_mix
         ref_p = (1 - a) * naive_probe_probs(q, k, bs, c.probes, c.placement) + a * (
-            naive_pooled_key_probs(q, k, bs, c.pooled_stride, c.pooled_var)
+            naive_pooled_key_probs(q, k, bs, c.pooled_stride)
         )
         forced = dict(force_sink=c.force_sink, force_diagonal=c.force_diagonal)
         ref = naive_probe(q, k, bs=bs, p=c.threshold, probs=ref_p, **forced)
@@ -156,45 +154,33 @@ def test_launch_select_checks_the_pooled_tensor():
         )  # fmt: skip
 
 
-@needs_interpreter
-def test_spread_term_changes_the_estimate():
-    q, k = _qk(1, 4, 2, 500, 500, 32)
-    a, b = pooled_key_probs_fused(q, k, 64, 8), pooled_key_probs_fused(q, k, 64, 8, 0.5)
-    assert (a - b).abs().max() > 1e-3  # else the tests above could not tell the term is applied
-
-
 def test_bad_pooled_kernel_params():
     with pytest.raises(ValueError, match=r"pooled_mix must be in \[0, 1\)"):
         ProbeKernelParams(block_size=64, pooled_mix=1.0)
     with pytest.raises(ValueError, match="pooled_stride must be in"):
         ProbeKernelParams(block_size=64, pooled_stride=65)
-    with pytest.raises(ValueError, match="pooled_var must be a finite number >= 0"):
-        ProbeKernelParams(block_size=64, pooled_var=-0.5)
     q, k = _qk(1, 2, 1, 64, 64, 16)
     with pytest.raises(ValueError, match="stride must be in"):
         pooled_key_probs_fused(q, k, 32, 0)
-    with pytest.raises(ValueError, match="var must be a finite number >= 0"):
-        pooled_key_probs_fused(q, k, 32, 8, float("nan"))
 
 
 def test_kernel_params_carry_the_mixture():
-    s = prism.build_scorer("probe", pooled_mix=0.25, pooled_stride=4, pooled_var=0.5)
+    s = prism.build_scorer("probe", pooled_mix=0.25, pooled_stride=4)
     kp = s.kernel_params()
-    assert (kp.pooled_mix, kp.pooled_stride, kp.pooled_var) == (0.25, 4, 0.5)
+    assert (kp.pooled_mix, kp.pooled_stride) == (0.25, 4)
     assert '"pooled_mix": 0.25' in s.op_key  # the compiled op's key: a mixture is its own op
 
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("sq,sk,var", [(8192, 8192, 0.0), (3000, 8192, 0.5), (32768, 32768, 0.5)])
-def test_gpu_fused_pooled_mixture_matches_torch_path(sq, sk, var):
+@pytest.mark.parametrize("sq,sk", [(8192, 8192), (3000, 8192), (32768, 32768)])
+def test_gpu_fused_pooled_mixture_matches_torch_path(sq, sk):
     q, k = _qk(1, 32, 8, sq, sk, 128)
     q, k = q.cuda().bfloat16(), k.cuda().bfloat16()
-    ref_pool = pooled_key_block_probs(q, k, 128, 8, var=var)
-    got_pool = pooled_key_probs_fused(q, k, 128, 8, var)
-    torch.testing.assert_close(got_pool, ref_pool, atol=2e-4, rtol=0)
-    fused = prism.build_scorer("probe", impl="triton", pooled_mix=0.3, pooled_var=var)
-    torch_ = prism.build_scorer("probe", impl="torch", pooled_mix=0.3, pooled_var=var)
+    ref_pool = pooled_key_block_probs(q, k, 128, 8)
+    torch.testing.assert_close(pooled_key_probs_fused(q, k, 128, 8), ref_pool, atol=2e-4, rtol=0)
+    fused = prism.build_scorer("probe", impl="triton", pooled_mix=0.3)
+    torch_ = prism.build_scorer("probe", impl="torch", pooled_mix=0.3)
     sf, st = fused(q, k), torch_(q, k)
     assert fused.last_path == "triton" and sf.lists is not None
     bad = (sf.mask != st.mask).any(-1).float().mean().item()

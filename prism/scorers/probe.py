@@ -37,14 +37,6 @@ from the diagonal, where 2 rows of 128 miss blocks that other rows attend to: on
 model at 32K (YaRN), α = 0.3 with s = 8 halves the probes' recall gap to the top-p block oracle
 (``benchmarks/results/probe_pooled_mix_recall.md``).
 
-**Spread term** (``pooled_var`` = β > 0; off by default): the mean key forgets how much a
-block's keys vary — most in the fast RoPE pairs that averaging cancels (Prism's observation). If
-the keys of block j were independent Gaussians per dim (mean μ_j, variance σ²_j),
-``E[exp(q·k/sqrt(D))] = exp(q·μ_j/sqrt(D) + ½·Σ_d q_d² σ²_jd / D)``; the pooled logit adds β times
-that second term (one more ``[rows, D] x [D, NKB]`` product of the squared query against the
-block variances). β = 0.5 with α = 0.3 brings the P = 2 mixture within 0.01 of the top-p oracle
-at 32K (``benchmarks/results/session12_explore/pooled_variance_recall.log``).
-
 Memory: the scores of one chunk of query blocks, ``[B, Hq, blocks·P, Sk]`` float32, with as many
 blocks per chunk as fit in ``chunk_mb`` MiB (at least one block) — never ``[Sq, Sk]``; each
 chunk only scores the keys its last probe can see (about half of all keys on average without a
@@ -91,8 +83,6 @@ class ProbeConfig(ProbScorerConfig):
         probes alone. With α > 0 the Triton path adds the pooled estimate's two launches
         (``prism.kernels.estimation.pooled_kernels``) and mixes it in inside the select launch.
     pooled_stride: s, every s-th query row enters the pooled-key estimate, 1 <= s <= block_size.
-    pooled_var: β >= 0, the weight of the key blocks' spread in the pooled logits (module
-        docstring); 0 = the mean key alone.
     """
 
     probes: int = 2
@@ -101,7 +91,6 @@ class ProbeConfig(ProbScorerConfig):
     impl: str = "auto"
     pooled_mix: float = 0.0
     pooled_stride: int = 8
-    pooled_var: float = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -118,10 +107,6 @@ class ProbeConfig(ProbScorerConfig):
             raise TypeError(f"pooled_mix must be a number in [0, 1), got {self.pooled_mix!r}")
         if not 0.0 <= float(self.pooled_mix) < 1.0:
             raise ValueError(f"pooled_mix must be in [0, 1), got {self.pooled_mix}")
-        if isinstance(self.pooled_var, bool) or not isinstance(self.pooled_var, (int, float)):
-            raise TypeError(f"pooled_var must be a number >= 0, got {self.pooled_var!r}")
-        if not 0.0 <= float(self.pooled_var) < float("inf"):
-            raise ValueError(f"pooled_var must be a finite number >= 0, got {self.pooled_var}")
         if self.impl not in IMPLS:
             raise ValueError(f"unknown impl {self.impl!r}; valid: {list(IMPLS)}")
         if self.placement not in PLACEMENTS:
@@ -272,21 +257,14 @@ def _pooled_layout(sq: int, bs: int, stride: int, device: str):
 
 
 def pooled_key_block_probs(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    block_size: int,
-    stride: int = 8,
-    chunk_mb: int = 256,
-    var: float = 0.0,
+    q: torch.Tensor, k: torch.Tensor, block_size: int, stride: int = 8, chunk_mb: int = 256
 ) -> torch.Tensor:
     """Pooled-key block estimate: float32 [B, Hq, NQB, NKB], rows sum to 1 (module docstring).
 
     q [B, Hq, Sq, D], k [B, Hkv, Sk, D] (Sk >= Sq). Logits of the chosen query rows against the
     NKB mean keys ([B, Hkv, NKB, D] float32; GQA by viewing the rows as [B, Hkv, G·rows, D], K
-    never repeated), plus ``var`` x the Gaussian second-moment term ``½·(q∘q)·σ²_j / D``
-    (σ²_j the per-dim variance of block j's keys), chunked so that ``[rows, NKB]`` logits of
-    ``chunk_mb`` MiB per step (about twice that with the softmax's output) live at once:
-    block-level memory, never [Sq, Sk].
+    never repeated), chunked so that ``[rows, NKB]`` logits of ``chunk_mb`` MiB per step (about twice that with
+    the softmax's output) live at once: block-level memory, never [Sq, Sk].
     """
     b, hq, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
@@ -294,16 +272,10 @@ def pooled_key_block_probs(
     nqb, nkb = -(-sq // bs), -(-sk // bs)
     prefix = sk - sq
     kf = k if k.dtype == torch.float32 else k.float()
-    kb = torch.nn.functional.pad(kf, (0, 0, 0, nkb * bs - sk)).view(b, hkv, nkb, bs, d)
+    ksum = torch.nn.functional.pad(kf, (0, 0, 0, nkb * bs - sk)).view(b, hkv, nkb, bs, d).sum(3)
     count = torch.full((nkb,), float(bs), device=dev)
     count[-1] = float(sk - (nkb - 1) * bs)
-    kmean = kb.sum(3) / count[:, None]  # [B, Hkv, NKB, D]
-    kmean_t = kmean.transpose(-1, -2)  # [B, Hkv, D, NKB]
-    kvar_t = None
-    if var:  # population variance over the block's real keys (the zero padding left out)
-        ex2 = kb.square().sum(3) / count[:, None]
-        kvar_t = (ex2 - kmean.square()).clamp_min_(0.0).transpose(-1, -2)
-    del kb
+    kmean_t = (ksum / count[:, None]).transpose(-1, -2)  # [B, Hkv, D, NKB]
     log_count = count.log()
     rows_t, owner_t, weight_t = _pooled_layout(int(sq), bs, int(stride), str(dev))
     cols = torch.arange(nkb, device=dev)
@@ -313,10 +285,7 @@ def pooled_key_block_probs(
         r = rows_t[r0 : r0 + per_chunk]
         n = r.numel()
         qr = q.index_select(2, r).float().view(b, hkv, g * n, d)
-        z = torch.matmul(qr, kmean_t).mul_(d**-0.5)
-        if kvar_t is not None:
-            z.add_(torch.matmul(qr.square(), kvar_t), alpha=0.5 * float(var) / d)
-        z = z.view(b, hq, n, nkb).add_(log_count)
+        z = torch.matmul(qr, kmean_t).view(b, hq, n, nkb).mul_(d**-0.5).add_(log_count)
         z.masked_fill_(cols[None, :] > ((r + prefix) // bs)[:, None], float("-inf"))
         p = torch.softmax(z, dim=-1).mul_(weight_t[r0 : r0 + n, None])
         out.index_add_(2, owner_t[r0 : r0 + n], p)
@@ -343,7 +312,6 @@ class ProbeScorer(Scorer):
             force_diagonal=bool(c.force_diagonal),
             pooled_mix=float(c.pooled_mix),
             pooled_stride=int(c.pooled_stride),
-            pooled_var=float(c.pooled_var),
         )
         # the fused op's key, a plain string (Dynamo reads it as a constant of the graph)
         self.op_key = probe_params_key(self._kernel_params, c.probes, c.placement)
@@ -367,12 +335,10 @@ class ProbeScorer(Scorer):
             rows, weights = probe_layout(q.shape[2], c.block_size, c.probes, c.placement, q.device)
             shared = shares_probes(c.placement, c.probes)
             probs = probe_block_probs_fused(q, k, rows, weights, c.block_size, shared)
-            pooled = pooled_key_probs_fused(q, k, c.block_size, c.pooled_stride, c.pooled_var)
+            pooled = pooled_key_probs_fused(q, k, c.block_size, c.pooled_stride)
         else:
             probs = probe_block_probs(q, k, c.block_size, c.probes, c.placement, c.chunk_mb)
-            pooled = pooled_key_block_probs(
-                q, k, c.block_size, c.pooled_stride, c.chunk_mb, c.pooled_var
-            )
+            pooled = pooled_key_block_probs(q, k, c.block_size, c.pooled_stride, c.chunk_mb)
         return probs.mul_(1.0 - c.pooled_mix).add_(pooled, alpha=c.pooled_mix)
 
     def kernel_params(self) -> ProbeKernelParams:

@@ -12,8 +12,7 @@ softmax over those blocks is taken, and the rows of the block are averaged: floa
 Two launches:
 
 * ``_key_means_kernel`` — one program per (KV block, b · KV head): the fp32 mean of the block's
-  real keys (and, for the spread term ``var`` > 0, their per-dim population variance, float32),
-  stored ``[B·Hkv, NKB, BLOCK_D]`` (D padded with zeros). For bf16 / fp16 queries it
+  real keys, stored ``[B·Hkv, NKB, BLOCK_D]`` (D padded with zeros). For bf16 / fp16 queries it
   is stored as two halves in the query dtype, ``hi = mean`` rounded and ``lo = mean − hi``
   rounded, so that the logits are two tensor-core products ``q·hi + q·lo`` with the mean's error
   down to ~2^-16 relative (the queries are exact in their own dtype); float32 queries take one
@@ -42,9 +41,8 @@ MAX_ROWS = 128  # pooled rows per program (heads x rows of a block); more heads 
 
 @triton.jit
 def _key_means_kernel(
-    k_ptr, skb, skh, sks, skd, hi_ptr, lo_ptr, var_ptr, HKV, SK, NKB, D,
+    k_ptr, skb, skh, sks, skd, hi_ptr, lo_ptr, HKV, SK, NKB, D,
     BS: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr, SPLIT: tl.constexpr,
-    VAR: tl.constexpr,
 ):  # fmt: skip
     blk = tl.program_id(0)
     bkv = tl.program_id(1)
@@ -55,21 +53,14 @@ def _key_means_kernel(
     d_ok = offs_d < D
     base = k_ptr + b.to(tl.int64) * skb + h.to(tl.int64) * skh
     acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
-    acc2 = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
     end = tl.minimum(blk * BS + BS, SK)
     for r0 in tl.static_range(0, BS, ROWS):
         rows = blk * BS + r0 + offs_r
         m = (rows < end)[:, None] & d_ok[None, :]
         ptrs = base + rows.to(tl.int64)[:, None] * sks + offs_d[None, :] * skd
-        x = tl.load(ptrs, mask=m, other=0.0).to(tl.float32)
-        acc += x
-        if VAR:
-            acc2 += x * x
-    n = (end - blk * BS).to(tl.float32)
-    mean = tl.sum(acc, 0) / n
+        acc += tl.load(ptrs, mask=m, other=0.0).to(tl.float32)
+    mean = tl.sum(acc, 0) / (end - blk * BS).to(tl.float32)
     out = (bkv.to(tl.int64) * NKB + blk) * BLOCK_D + offs_d
-    if VAR:  # population variance of the block's real keys, float32
-        tl.store(var_ptr + out, tl.maximum(tl.sum(acc2, 0) / n - mean * mean, 0.0))
     if SPLIT:
         hi = mean.to(hi_ptr.dtype.element_ty)
         tl.store(hi_ptr + out, hi)
@@ -79,12 +70,10 @@ def _key_means_kernel(
 
 
 @triton.jit
-def _pooled_logits(qt, q2, hi_ptr, lo_ptr, var_ptr, km_base, j, j_ok, row_blk, offs_d,
-                   qk_scale, var_scale, SK, BS: tl.constexpr, BLOCK_D: tl.constexpr,
-                   SPLIT: tl.constexpr, VAR: tl.constexpr):  # fmt: skip
+def _pooled_logits(qt, hi_ptr, lo_ptr, km_base, j, j_ok, row_blk, offs_d, qk_scale, SK,
+                   BS: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT: tl.constexpr):  # fmt: skip
     """Base-2 logits [M, BLOCK_N] of the tile's rows against KV blocks ``j`` (``-inf`` past
-    each row's own block ``row_blk``): ``log2(e)·q·k̄_j/sqrt(D) + log2 n_j`` (+ ``var_scale ·
-    (q∘q)·σ²_j`` with ``VAR``; float32 product, tf32 on the GPU: a second-order term)."""
+    each row's own block ``row_blk``): ``log2(e)·q·k̄_j/sqrt(D) + log2 n_j``."""
     ptrs = km_base + j[None, :].to(tl.int64) * BLOCK_D + offs_d[:, None]
     kt = tl.load(hi_ptr + ptrs, mask=j_ok[None, :], other=0.0)  # [BLOCK_D, BLOCK_N]
     if SPLIT:
@@ -92,21 +81,17 @@ def _pooled_logits(qt, q2, hi_ptr, lo_ptr, var_ptr, km_base, j, j_ok, row_blk, o
         acc += tl.dot(qt, tl.load(lo_ptr + ptrs, mask=j_ok[None, :], other=0.0))
     else:
         acc = tl.dot(qt, kt, input_precision="ieee")
-    z = acc * qk_scale
-    if VAR:
-        vt = tl.load(var_ptr + ptrs, mask=j_ok[None, :], other=0.0)
-        z += tl.dot(q2, vt) * var_scale
     n = tl.minimum(SK - j * BS, BS).to(tl.float32)
-    z += tl.log2(tl.maximum(n, 1.0))[None, :]
+    z = acc * qk_scale + tl.log2(tl.maximum(n, 1.0))[None, :]
     return tl.where(j_ok[None, :] & (j[None, :] <= row_blk[:, None]), z, float("-inf"))
 
 
 @triton.jit
 def _pooled_probs_kernel(
-    q_ptr, sqb, sqh, sqs, sqd, hi_ptr, lo_ptr, var_ptr, out_ptr,
-    HQ, HKV, G, SQ, SK, NQB, NKB, PREFIX, D, N_GT, qk_scale, var_scale,
+    q_ptr, sqb, sqh, sqs, sqd, hi_ptr, lo_ptr, out_ptr,
+    HQ, HKV, G, SQ, SK, NQB, NKB, PREFIX, D, N_GT, qk_scale,
     STRIDE: tl.constexpr, RPB: tl.constexpr, GH: tl.constexpr, BS: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT: tl.constexpr, VAR: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT: tl.constexpr,
 ):  # fmt: skip
     qi = NQB - 1 - tl.program_id(0)  # the longest rows first
     pid = tl.program_id(1)
@@ -131,7 +116,6 @@ def _pooled_probs_kernel(
     qp = q_ptr + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + qrow.to(tl.int64) * sqs
     qmask = row_ok[:, None] & (offs_d < D)[None, :]
     qt = tl.load(qp[:, None] + offs_d[None, :] * sqd, mask=qmask, other=0.0)
-    q2 = qt.to(tl.float32) * qt.to(tl.float32)  # used with VAR only
     if not SPLIT:
         qt = qt.to(tl.float32)
     nvis = tl.minimum((PREFIX + qi * BS + length - 1) // BS + 1, NKB)
@@ -141,8 +125,8 @@ def _pooled_probs_kernel(
     den = tl.zeros([M], dtype=tl.float32)
     for j0 in range(0, nvis, BLOCK_N):
         j = j0 + jn
-        z = _pooled_logits(qt, q2, hi_ptr, lo_ptr, var_ptr, km_base, j, j < nvis, row_blk,
-                           offs_d, qk_scale, var_scale, SK, BS, BLOCK_D, SPLIT, VAR)  # fmt: skip
+        z = _pooled_logits(qt, hi_ptr, lo_ptr, km_base, j, j < nvis, row_blk, offs_d, qk_scale,
+                           SK, BS, BLOCK_D, SPLIT)  # fmt: skip
         m_new = tl.maximum(mx, tl.max(z, 1))  # finite: block 0 is visible to every row
         den = den * tl.exp2(mx - m_new) + tl.sum(tl.exp2(z - m_new[:, None]), 1)
         mx = m_new
@@ -152,8 +136,8 @@ def _pooled_probs_kernel(
     for j0 in range(0, nvis, BLOCK_N):
         j = j0 + jn
         j_ok = j < nvis
-        z = _pooled_logits(qt, q2, hi_ptr, lo_ptr, var_ptr, km_base, j, j_ok, row_blk,
-                           offs_d, qk_scale, var_scale, SK, BS, BLOCK_D, SPLIT, VAR)  # fmt: skip
+        z = _pooled_logits(qt, hi_ptr, lo_ptr, km_base, j, j_ok, row_blk, offs_d, qk_scale,
+                           SK, BS, BLOCK_D, SPLIT)  # fmt: skip
         p = tl.exp2(z - mx[:, None]) * w[:, None]
         ph = tl.sum(tl.reshape(p, (GH, RPB, BLOCK_N)), 1)  # [GH, BLOCK_N]: a head's rows summed
         tl.store(out_ptr + out_row[:, None] + j[None, :], ph, mask=head_ok[:, None] & j_ok[None, :])
@@ -166,13 +150,10 @@ def pooled_rows_per_block(sq: int, block_size: int, stride: int) -> int:
     return -(-(length - first) // stride) if first < length else 1
 
 
-def launch_pooled_probs(
-    q, k, block_size: int, stride: int, out=None, block_n: int = 64, var: float = 0.0
-):
+def launch_pooled_probs(q, k, block_size: int, stride: int, out=None, block_n: int = 64):
     """The two launches (shapes already checked by :mod:`.probe_op`): float32
     ``[B, Hq, NQB, NKB]``. ``out``: where to write (entries past the query block's visible KV
-    blocks are left as they are); by default a zero tensor. ``var``: β of the spread term
-    (``prism.scorers.probe``; the block variances are computed only when it is > 0)."""
+    blocks are left as they are); by default a zero tensor."""
     b, hq, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
     g = hq // hkv
@@ -183,12 +164,10 @@ def launch_pooled_probs(
     kdt = q.dtype if split else torch.float32
     hi = torch.empty(b * hkv, nkb, block_d, device=q.device, dtype=kdt)
     lo = torch.empty_like(hi) if split else hi
-    use_var = float(var) > 0.0
-    kvar = torch.empty(hi.shape, device=q.device, dtype=torch.float32) if use_var else hi
     rows = min(32, _next_pow2(bs))
     _key_means_kernel[(nkb, b * hkv)](
-        k, *k.stride(), hi, lo, kvar, hkv, sk, nkb, d, BS=bs, BLOCK_D=block_d, ROWS=rows,
-        SPLIT=split, VAR=use_var, num_warps=4,
+        k, *k.stride(), hi, lo, hkv, sk, nkb, d, BS=bs, BLOCK_D=block_d, ROWS=rows, SPLIT=split,
+        num_warps=4,
     )  # fmt: skip
     rpb = _next_pow2(pooled_rows_per_block(sq, bs, stride))
     gh = max(1, min(_next_pow2(g), MAX_ROWS // rpb))
@@ -198,9 +177,8 @@ def launch_pooled_probs(
         out = torch.zeros(b, hq, nqb, nkb, device=q.device, dtype=torch.float32)
     m = gh * rpb
     _pooled_probs_kernel[(nqb, b * hkv * n_gt)](
-        q, *q.stride(), hi, lo, kvar, out, hq, hkv, g, sq, sk, nqb, nkb, sk - sq, d, n_gt,
-        LOG2E / math.sqrt(d), LOG2E * 0.5 * float(var) / d, STRIDE=stride, RPB=rpb, GH=gh,
-        BS=bs, BLOCK_N=block_n, BLOCK_D=block_d, SPLIT=split, VAR=use_var,
-        num_warps=4 if m <= 64 else 8,
+        q, *q.stride(), hi, lo, out, hq, hkv, g, sq, sk, nqb, nkb, sk - sq, d, n_gt,
+        LOG2E / math.sqrt(d), STRIDE=stride, RPB=rpb, GH=gh, BS=bs, BLOCK_N=block_n,
+        BLOCK_D=block_d, SPLIT=split, num_warps=4 if m <= 64 else 8,
     )  # fmt: skip
     return out

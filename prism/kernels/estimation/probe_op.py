@@ -59,7 +59,7 @@ class ProbeKernelParams:
 
     block_size: BS.  rule: ``top_p`` | ``top_k`` | ``min_prob``; threshold / top_k / min_prob its
     parameter.  force_sink / force_diagonal: always keep KV block 0 / the partial blocks.
-    pooled_mix / pooled_stride / pooled_var: α, s and β of the pooled-key mixture (α = 0: the probes alone; α > 0:
+    pooled_mix / pooled_stride: α and s of the pooled-key mixture (α = 0: the probes alone; α > 0:
     a third launch, :func:`.pooled_kernels.launch_pooled_probs`, and launch 2 mixes it in).
     """
 
@@ -72,11 +72,8 @@ class ProbeKernelParams:
     force_diagonal: bool = True
     pooled_mix: float = 0.0
     pooled_stride: int = 8
-    pooled_var: float = 0.0
 
     def __post_init__(self) -> None:
-        if not 0.0 <= float(self.pooled_var) < float("inf"):
-            raise ValueError(f"pooled_var must be a finite number >= 0, got {self.pooled_var}")
         if not 0.0 <= float(self.pooled_mix) < 1.0:
             raise ValueError(f"pooled_mix must be in [0, 1), got {self.pooled_mix}")
         if not 1 <= int(self.pooled_stride) <= int(self.block_size):
@@ -207,20 +204,17 @@ def probe_block_probs_fused(
 
 
 def pooled_key_probs_fused(
-    q: torch.Tensor, k: torch.Tensor, block_size: int, stride: int = 8, var: float = 0.0
+    q: torch.Tensor, k: torch.Tensor, block_size: int, stride: int = 8
 ) -> torch.Tensor:
     """The pooled-key estimate (``prism.scorers.probe.pooled_key_block_probs``) in two Triton
     launches (:mod:`.pooled_kernels`): float32 ``[B, Hq, NQB, NKB]``, rows summing to 1, zero past
-    each query block's visible KV blocks. q [B, Hq, Sq, D], k [B, Hkv, Sk, D] (Sk >= Sq);
-    ``var``: β of the spread term (0: the mean keys alone)."""
+    each query block's visible KV blocks. q [B, Hq, Sq, D], k [B, Hkv, Sk, D] (Sk >= Sq)."""
     probe_check_runnable(q, k, block_size)
     if not 1 <= int(stride) <= int(block_size):
         raise ValueError(f"stride must be in [1, block_size={block_size}], got {stride}")
-    if not 0.0 <= float(var) < float("inf"):
-        raise ValueError(f"var must be a finite number >= 0, got {var}")
     from .pooled_kernels import launch_pooled_probs
 
-    return launch_pooled_probs(q, k, block_size, stride, var=float(var))
+    return launch_pooled_probs(q, k, block_size, stride)
 
 
 def probe_select_block_lists(
@@ -273,8 +267,7 @@ def probe_select_block_lists(
 
         nqb, nkb = lm.shape[2], lm.shape[4]
         buf = torch.empty(q.shape[0], q.shape[1], nqb, nkb, device=q.device, dtype=torch.float32)
-        stride, var = int(params.pooled_stride), float(params.pooled_var)
-        pooled = launch_pooled_probs(q, k, bs, stride, out=buf, var=var)
+        pooled = launch_pooled_probs(q, k, bs, int(params.pooled_stride), out=buf)
     return launch_select(
         lm, weights, q.shape[2], k.shape[2], k.shape[1], params, shared=shared,
         pooled=pooled, alpha=alpha,
