@@ -20,7 +20,7 @@
 #   bash benchmarks/run_h200.sh session11 # pooled mixture, PyTorch rule (prepared in session 11, not run)
 #   bash benchmarks/run_h200.sh session12 # fused pooled mixture: GPU tests, estimator cost
 #   bash benchmarks/run_h200.sh all12    # GPU tests, estimator cost, SmolLM2 graphed (dense, Prism,
-#                                        # the pooled policy with and without the spread term)
+#                                        # the near-lossless and the pooled policy)
 #   bash benchmarks/run_h200.sh gpu12 / model12  # all12 in two calls (model12 with GGUF=file:
 #                                        # the model file alone, no FA4 wheels: flex -> Triton)
 set -uo pipefail
@@ -153,28 +153,20 @@ elif [ "$phase" = session12 ]; then  # the pooled mixture fused on the GPU: test
     'scorers=[prism,probe,probe:pooled_mix=0.3,probe:pooled_mix=0.3+pooled_stride=16,probe:probes=3+pooled_mix=0.2,probe:pooled_mix=0.3+impl=torch]' \
     2>&1 | grep -v Warning | tail -24
 elif [ "$phase" = all12 ]; then  # one call: the GPU tests, the estimator cost, the real model
-  timeout 120 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_pooled_fused.py \
-    tests/test_probe_pooled.py 2>&1 | tee $OUT/gpu_tests_session12.log | tail -3
-  timeout 80 python3 benchmarks/bench_estimators.py out=$OUT tag=probe_pooled_s12_h200 \
-    lengths=[8192,32768,131072] rep_ms=50 \
-    'scorers=[probe,probe:pooled_mix=0.3,probe:pooled_mix=0.3+pooled_var=0.5,probe:probes=3+pooled_mix=0.2]' 2>&1 | grep -v Warning \
-    | tail -12
-  PP=cfg:prism/configs/policies/smollm2_probe_pooled.yaml
-  NL=cfg:prism/configs/policies/smollm2_probe_near_lossless.yaml
-  timeout ${SMOL_T:-360} python3 benchmarks/bench_model.py gguf=$GGUF compile=true graph=true \
-    lengths=[8192,32768,131072] "policies=[dense,prism,$PP,$PP:pooled_var=0.5]" reps=3 warmup=1 \
-    parts=false out=$OUT/model_graph_s12_h200 2>&1 | grep -v Warning | tail -16
+  bash "$0" gpu12
+  bash "$0" model12
 elif [ "$phase" = gpu12 ]; then  # the first half of all12 (no bundle needed)
   timeout 120 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_pooled_fused.py \
     tests/test_probe_pooled.py 2>&1 | tee $OUT/gpu_tests_session12.log | tail -3
   timeout 80 python3 benchmarks/bench_estimators.py out=$OUT tag=probe_pooled_s12_h200 \
     lengths=[8192,32768,131072] rep_ms=50 \
-    'scorers=[probe,probe:pooled_mix=0.3,probe:pooled_mix=0.3+pooled_var=0.5,probe:probes=3+pooled_mix=0.2]' 2>&1 | grep -v Warning \
+    'scorers=[probe,probe:pooled_mix=0.3,probe:probes=3+pooled_mix=0.2]' 2>&1 | grep -v Warning \
     | tail -12
 elif [ "$phase" = model12 ]; then  # the second half of all12 (GGUF=path: the model file alone)
   PP=cfg:prism/configs/policies/smollm2_probe_pooled.yaml
+  NL=cfg:prism/configs/policies/smollm2_probe_near_lossless.yaml
   timeout ${SMOL_T:-450} python3 benchmarks/bench_model.py gguf=$GGUF compile=true graph=true \
-    lengths=${SMOL_LENGTHS:-[8192,32768,131072]} "policies=[dense,prism,$PP,$PP:pooled_var=0.5]" \
+    lengths=${SMOL_LENGTHS:-[8192,32768,131072]} "policies=[dense,prism,$NL,$PP]" \
     reps=3 warmup=1 parts=false out=$OUT/model_graph_s12_h200 2>&1 | grep -v Warning | tail -16
 elif [ "$phase" = eightb7 ]; then
   timeout ${EIGHTB_T:-300} python3 benchmarks/bench_model.py model=random-llama8b compile=true \
