@@ -11,9 +11,7 @@ sharp near the diagonal; the pooled rows help far from it). Same data, oracle an
 
 from __future__ import annotations
 
-import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -22,10 +20,8 @@ ROOT = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(ROOT / "benchmarks/results"))
 sys.path.insert(0, str(ROOT / "benchmarks/results/session12_explore"))
 
-from pooled_variance_recall import pooled_var_probs  # noqa: E402
-from probe_pooled_mix_recall import DENS, fmt, layers_at, sweep  # noqa: E402
-
-from prism.scorers import build_scorer  # noqa: E402
+from pooled_variance_recall import for_each_length, pooled_var_probs  # noqa: E402
+from probe_pooled_mix_recall import fmt, sweep  # noqa: E402
 
 
 def far_weight(nqb, nkb, prefix_blocks, near, a_near, a_far):
@@ -45,40 +41,23 @@ VARIANTS = [  # (label, temp, near, a_near, a_far)
 ]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--lengths", default="32768")
-    ap.add_argument("--cache", default="/tmp/prism_recall_cache")
-    ap.add_argument("--threads", type=int, default=2)
-    a = ap.parse_args()
-    torch.set_num_threads(a.threads)
-    print("densities", DENS)
-    for length in [int(x) for x in a.lengths.split(",")]:
-        t0 = time.time()
-        layers = layers_at(length, Path(a.cache))
-        print(f"== {length} tokens ({len(layers)} layers; data ready in {time.time() - t0:.0f} s)")
-        mass_p = {li: ld.mass / ld.mass.sum(-1, keepdim=True) for li, ld in layers.items()}
-        ref = sweep(layers, "oracle", mass_p)
-        print(f"{'oracle top-p':26s} {fmt(ref)}", flush=True)
-        sc = build_scorer("probe", impl="torch")
-        probe = {li: sc.block_probs(ld.q, ld.k) for li, ld in layers.items()}
-        pooled: dict = {}
-        for label, temp, near, a_near, a_far in VARIANTS:
-            if temp not in pooled:
-                pooled[temp] = {
-                    li: pooled_var_probs(ld.q, ld.k, ld.block_size, 8, 0.0, temp)
-                    for li, ld in layers.items()
-                }
-            probs = {}
-            for li, ld in layers.items():
-                nqb, nkb = probe[li].shape[-2:]
-                pre = (ld.k.shape[2] - ld.q.shape[2]) // ld.block_size
-                w = far_weight(nqb, nkb, pre, near, a_near, a_far)
-                mix = (1 - w) * probe[li] + w * pooled[temp][li]
-                probs[li] = mix / mix.sum(-1, keepdim=True).clamp_min(1e-30)  # rows sum to 1
-            print(f"{label:26s} {fmt(sweep(layers, 'probe', probs), ref)}", flush=True)
-        print(f"({time.time() - t0:.0f} s)", flush=True)
+def variants(length, layers, ref, probe) -> None:
+    pooled: dict = {}
+    for label, temp, near, a_near, a_far in VARIANTS:
+        if temp not in pooled:
+            pooled[temp] = {
+                li: pooled_var_probs(ld.q, ld.k, ld.block_size, 8, 0.0, temp)
+                for li, ld in layers.items()
+            }
+        probs = {}
+        for li, ld in layers.items():
+            nqb, nkb = probe[li].shape[-2:]
+            pre = (ld.k.shape[2] - ld.q.shape[2]) // ld.block_size
+            w = far_weight(nqb, nkb, pre, near, a_near, a_far)
+            mix = (1 - w) * probe[li] + w * pooled[temp][li]
+            probs[li] = mix / mix.sum(-1, keepdim=True).clamp_min(1e-30)  # rows sum to 1
+        print(f"{label:26s} {fmt(sweep(layers, 'probe', probs), ref)}", flush=True)
 
 
 if __name__ == "__main__":
-    main()
+    for_each_length("32768", variants)

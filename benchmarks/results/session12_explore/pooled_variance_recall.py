@@ -79,9 +79,12 @@ VARIANTS_LONG = [  # at 32K (the miss of session 11: P=2 + pooled 0.3 /8 at -0.0
 ]
 
 
-def main() -> None:
+def for_each_length(default_lengths: str, body) -> None:
+    """Parse ``--lengths/--cache/--threads``; per length load the capture, print the oracle's and
+    the default probes' recall, then ``body(length, layers, ref, probe)`` (``probe``: the
+    shared P = 2 block probabilities per layer). Shared by the session 12 scripts."""
     ap = argparse.ArgumentParser()
-    ap.add_argument("--lengths", default="4096,8192,32768")
+    ap.add_argument("--lengths", default=default_lengths)
     ap.add_argument("--cache", default="/tmp/prism_recall_cache")
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
@@ -97,18 +100,22 @@ def main() -> None:
         sc = build_scorer("probe", impl="torch")
         probe = {li: sc.block_probs(ld.q, ld.k) for li, ld in layers.items()}
         print(f"{'probe P=2 (default)':24s} {fmt(sweep(layers, 'probe', probe), ref)}", flush=True)
-        cache: dict = {}
-        for label, alpha, stride, beta, temp in VARIANTS if length <= 8192 else VARIANTS_LONG:
-            key = (stride, beta, temp)
-            if key not in cache:
-                cache[key] = {
-                    li: pooled_var_probs(ld.q, ld.k, ld.block_size, stride, beta, temp)
-                    for li, ld in layers.items()
-                }
-            probs = {li: (1 - alpha) * probe[li] + alpha * cache[key][li] for li in layers}
-            print(f"{label:24s} {fmt(sweep(layers, 'probe', probs), ref)}", flush=True)
+        body(length, layers, ref, probe)
         print(f"({time.time() - t0:.0f} s)", flush=True)
 
 
+def variants(length, layers, ref, probe) -> None:
+    cache: dict = {}
+    for label, alpha, stride, beta, temp in VARIANTS if length <= 8192 else VARIANTS_LONG:
+        key = (stride, beta, temp)
+        if key not in cache:
+            cache[key] = {
+                li: pooled_var_probs(ld.q, ld.k, ld.block_size, stride, beta, temp)
+                for li, ld in layers.items()
+            }
+        probs = {li: (1 - alpha) * probe[li] + alpha * cache[key][li] for li in layers}
+        print(f"{label:24s} {fmt(sweep(layers, 'probe', probs), ref)}", flush=True)
+
+
 if __name__ == "__main__":
-    main()
+    for_each_length("4096,8192,32768", variants)
