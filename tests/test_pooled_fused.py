@@ -171,6 +171,46 @@ def test_kernel_params_carry_the_mixture():
     assert '"pooled_mix": 0.25' in s.op_key  # the compiled op's key: a mixture is its own op
 
 
+_MEMORY_SCRIPT = """
+import json, os, resource
+os.environ["TRITON_INTERPRET"] = "1"
+import torch, prism
+torch.manual_seed(0)
+B, HQ, HKV, S, D = 1, 2, 1, 32768, 16
+q, k = torch.randn(B, HQ, S, D), torch.randn(B, HKV, S, D)
+sc = prism.build_scorer("probe", impl="triton", pooled_mix=0.3, threshold=0.9)
+sc(q[:, :, :1024], k[:, :, :1024])  # warm up code paths and the allocator
+rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+base = rss()
+sel = sc(q, k)
+peak = rss()
+control = torch.ones(S, S // 64)  # 64 MiB that the measurement must see
+print(json.dumps({"extra": peak - base, "control": rss() - peak, "nkb": sel.lists[1].shape[-1],
+                  "path": sc.last_path}))
+"""
+
+
+@pytest.mark.skipif(not op.triton_available(), reason="needs Triton")
+def test_fused_mixture_memory_is_block_level_at_32k():
+    """The whole fused selection with the mixture (launch 1, the pooled launches, launch 2) at
+    32K tokens, under the interpreter in a fresh process: its peak extra memory is a few
+    block-level tensors (B·Hq·NQB·NKB float32 = 512 KiB here), never [Sq, Sk] (4 GiB), nor the
+    [rows, NKB] pooled logits of every 8th row (8 MiB); a 64 MiB control allocation afterwards
+    is seen."""
+    import json
+    import subprocess
+    import sys
+
+    res = subprocess.run(
+        [sys.executable, "-c", _MEMORY_SCRIPT], capture_output=True, text=True, check=True
+    )
+    r = json.loads(res.stdout.strip().splitlines()[-1])
+    assert r["path"] == "triton" and r["nkb"] == 256
+    block_level = 2 * 256 * 256 * 4
+    assert r["extra"] < 8 * block_level, r  # 4 MiB (measured: ~1.9 MiB)
+    assert r["control"] > 48 << 20, r  # the method sees a 64 MiB allocation
+
+
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("sq,sk", [(8192, 8192), (3000, 8192), (32768, 32768)])
