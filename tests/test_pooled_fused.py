@@ -9,6 +9,10 @@ Under Triton's interpreter (CPU, fp32 and fp16: bf16 ``tl.dot`` is wrong there) 
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import pytest
 import torch
 from naive_probe import naive_pooled_key_probs, naive_probe, naive_probe_probs
@@ -48,6 +52,7 @@ CASES = {
     "mqa_g8_block16": (1, 8, 1, 333, 333, 16, 16, 4),
     "mha_d128": (1, 2, 2, 400, 400, 128, 64, 8),
     "single_query": (1, 4, 2, 1, 500, 32, 64, 8),
+    "d192_stride1_g4": (1, 4, 1, 200, 300, 192, 64, 1),  # D > 128: narrower fp32 tiles
 }
 
 
@@ -154,11 +159,17 @@ def test_launch_select_checks_the_pooled_tensor():
         )  # fmt: skip
 
 
+def test_kernel_params_check_the_stride_only_with_the_mixture():
+    ProbeKernelParams(block_size=4)  # the default stride 8 > BS is irrelevant without a mixture
+    with pytest.raises(ValueError, match="block_size must be >= 1"):
+        ProbeKernelParams(block_size=0)
+
+
 def test_bad_pooled_kernel_params():
     with pytest.raises(ValueError, match=r"pooled_mix must be in \[0, 1\)"):
         ProbeKernelParams(block_size=64, pooled_mix=1.0)
     with pytest.raises(ValueError, match="pooled_stride must be in"):
-        ProbeKernelParams(block_size=64, pooled_stride=65)
+        ProbeKernelParams(block_size=64, pooled_mix=0.3, pooled_stride=65)
     q, k = _qk(1, 2, 1, 64, 64, 16)
     with pytest.raises(ValueError, match="stride must be in"):
         pooled_key_probs_fused(q, k, 32, 0)
@@ -172,7 +183,7 @@ def test_kernel_params_carry_the_mixture():
 
 
 _MEMORY_SCRIPT = """
-import json, os, resource
+import json, os
 os.environ["TRITON_INTERPRET"] = "1"
 import torch, prism
 torch.manual_seed(0)
@@ -180,27 +191,27 @@ B, HQ, HKV, S, D = 1, 2, 1, 32768, 16
 q, k = torch.randn(B, HQ, S, D), torch.randn(B, HKV, S, D)
 sc = prism.build_scorer("probe", impl="triton", pooled_mix=0.3, threshold=0.9)
 sc(q[:, :, :1024], k[:, :, :1024])  # warm up code paths and the allocator
-rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-base = rss()
+def status(key):  # VmHWM: this process's own peak (ru_maxrss starts at the parent's)
+    with open("/proc/self/status") as f:
+        return next(int(x.split()[1]) * 1024 for x in f if x.startswith(key + ":"))
+base = status("VmHWM")
 sel = sc(q, k)
-peak = rss()
-control = torch.ones(S, S // 64)  # 64 MiB that the measurement must see
-print(json.dumps({"extra": peak - base, "control": rss() - peak, "nkb": sel.lists[1].shape[-1],
-                  "path": sc.last_path}))
+peak = status("VmHWM")
+now = status("VmRSS")
+control = torch.ones(S, S // 64)  # 64 MiB above the current RSS: the measurement must see it
+print(json.dumps({"extra": peak - base, "control": status("VmHWM") - now,
+                  "nkb": sel.lists[1].shape[-1], "path": sc.last_path}))
 """
 
 
 @pytest.mark.skipif(not op.triton_available(), reason="needs Triton")
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 def test_fused_mixture_memory_is_block_level_at_32k():
     """The whole fused selection with the mixture (launch 1, the pooled launches, launch 2) at
     32K tokens, under the interpreter in a fresh process: its peak extra memory is a few
     block-level tensors (B·Hq·NQB·NKB float32 = 512 KiB here), never [Sq, Sk] (4 GiB), nor the
     [rows, NKB] pooled logits of every 8th row (8 MiB); a 64 MiB control allocation afterwards
     is seen."""
-    import json
-    import subprocess
-    import sys
-
     res = subprocess.run(
         [sys.executable, "-c", _MEMORY_SCRIPT], capture_output=True, text=True, check=True
     )

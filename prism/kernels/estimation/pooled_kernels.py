@@ -36,7 +36,9 @@ import triton.language as tl
 from .op import _next_pow2
 
 LOG2E = 1.4426950408889634
-MAX_ROWS = 128  # pooled rows per program (heads x rows of a block); more heads -> more programs
+# pooled rows per program (heads x rows of a block); more heads -> more programs. One head's rows
+# are never split, so BS 256 at stride 1 runs 256 rows (bf16: ~160 KB of shared memory on sm_90)
+MAX_ROWS = 128
 
 
 @triton.jit
@@ -170,7 +172,10 @@ def launch_pooled_probs(q, k, block_size: int, stride: int, out=None, block_n: i
         num_warps=4,
     )  # fmt: skip
     rpb = _next_pow2(pooled_rows_per_block(sq, bs, stride))
-    gh = max(1, min(_next_pow2(g), MAX_ROWS // rpb))
+    max_rows = MAX_ROWS
+    if not split and block_d > 128:  # float32 ieee tiles of D > 128: keep them in shared memory
+        max_rows, block_n = 64, min(block_n, 32)
+    gh = max(1, min(_next_pow2(g), max_rows // rpb))
     rpb = max(rpb, _next_pow2(math.ceil(16 / gh)))  # tl.dot needs M >= 16
     n_gt = math.ceil(g / gh)
     if out is None:

@@ -74,17 +74,17 @@ class ProbeKernelParams:
     pooled_stride: int = 8
 
     def __post_init__(self) -> None:
-        if not 0.0 <= float(self.pooled_mix) < 1.0:
-            raise ValueError(f"pooled_mix must be in [0, 1), got {self.pooled_mix}")
-        if not 1 <= int(self.pooled_stride) <= int(self.block_size):
-            raise ValueError(
-                f"pooled_stride must be in [1, block_size={self.block_size}], "
-                f"got {self.pooled_stride}"
-            )
         if self.rule not in RULE_CODES:
             raise ValueError(f"unknown rule {self.rule!r}; valid rules: {list(RULE_CODES)}")
         if int(self.block_size) < 1:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        if not 0.0 <= float(self.pooled_mix) < 1.0:
+            raise ValueError(f"pooled_mix must be in [0, 1), got {self.pooled_mix}")
+        if self.pooled_mix > 0 and not 1 <= int(self.pooled_stride) <= int(self.block_size):
+            raise ValueError(
+                f"pooled_stride must be in [1, block_size={self.block_size}], "
+                f"got {self.pooled_stride}"
+            )
 
 
 def probe_unsupported_reason(q: torch.Tensor, k: torch.Tensor, block_size: int) -> str | None:
