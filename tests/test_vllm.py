@@ -69,17 +69,25 @@ def _paged(k: torch.Tensor, v: torch.Tensor, page: int, pages: list[int], layout
         p, off = pages[t // page], t % page
         for h in range(hkv):
             for j in range(d):
-                kpos = off * d + j if layout == "rows" else j * page + off
+                if layout == "rows":
+                    kpos = off * d + j
+                elif layout == "cols":
+                    kpos = j * page + off
+                else:  # amx: tiles of 16 tokens, dims in pairs ([page/16, D/2, 16, 2])
+                    kpos = (off // 16) * 16 * d + (j // 2) * 32 + (off % 16) * 2 + j % 2
+                vpos = off * d + j
+                if layout == "amx":  # V: tiles of 16 dims, tokens in pairs ([D/16, page/2, 16, 2])
+                    vpos = (j // 16) * page * 16 + (off // 2) * 32 + (j % 16) * 2 + off % 2
                 mem[p, h, kpos] = k[h, t, j]
-                mem[p, h, page * d + off * d + j] = v[h, t, j]
+                mem[p, h, page * d + vpos] = v[h, t, j]
     kc, vc = kv.view(num_pages, hkv, 2 * page, d).chunk(2, dim=2)
     return kc, vc
 
 
-@pytest.mark.parametrize("layout", ["rows", "cols"])
+@pytest.mark.parametrize("layout", ["rows", "cols", "amx"])
 def test_gather_kv_matches_hand_built_cache(layout):
     torch.manual_seed(0)
-    hkv, s, d, page = 2, 37, 8, 16
+    hkv, s, d, page = 2, 37, 32, 16
     k, v = torch.randn(hkv, s, d), torch.randn(hkv, s, d)
     pages = [4, 1, 2]
     kc, vc = _paged(k, v, page, pages, layout)
@@ -88,8 +96,14 @@ def test_gather_kv_matches_hand_built_cache(layout):
     assert gk.shape == (1, hkv, s, d) and gk.is_contiguous()
     torch.testing.assert_close(gk[0], k, rtol=0, atol=0)
     torch.testing.assert_close(gv[0], v, rtol=0, atol=0)
-    other = "cols" if layout == "rows" else "rows"
-    assert not torch.equal(gather_kv(kc, vc, table, s, other)[0][0], k)  # the layout matters
+    for other in {"rows", "cols", "amx"} - {layout}:  # the layout matters
+        assert not torch.equal(gather_kv(kc, vc, table, s, other)[0][0], k)
+
+
+def test_amx_layout_needs_whole_tiles():
+    kc = vc = torch.zeros(2, 1, 24, 16)  # a page of 24 tokens: not whole 16-token tiles
+    with pytest.raises(ValueError, match="amx layout needs page % 16 == 0"):
+        gather_kv(kc, vc, torch.tensor([0]), 10, "amx")
 
 
 def _dense_causal(q, k, v, scale):
@@ -157,7 +171,7 @@ def test_layout_of_vllm_cache_writer(dtype):
         )
 
     layout = detect_layout(write, hkv, page, d, dtype)
-    assert layout in ("rows", "cols"), isa
+    assert layout in ("rows", "cols", "amx"), isa
     # a longer request in scattered pages, written by vLLM, read back by gather_kv
     torch.manual_seed(2)
     n, pages = 300, torch.tensor([5, 2, 7])
@@ -225,10 +239,10 @@ def vllm_env():
         yield smollm2_dir()
 
 
-def _engine(path, **kw):
+def _engine(path, dtype="float32", **kw):
     from vllm import LLM
 
-    return LLM(model=str(path), dtype="float32", enforce_eager=True, max_model_len=4096,
+    return LLM(model=str(path), dtype=dtype, enforce_eager=True, max_model_len=4096,
                max_num_seqs=4, seed=0, **kw)  # fmt: skip
 
 
@@ -348,6 +362,24 @@ def test_threshold_095_is_sparse_and_finds_the_needle(prism_llm, prompts):
     text = prompts["tok"].decode(_tokens(out))
     assert prism.needle.check_answer(text, prompts["answer"]), text
     assert st.overall_density < 0.8, st.summary()  # measured ~0.54 (HF integration ~0.55)
+    assert all(s.sparse_calls == 1 for s in st.layers.values())
+
+
+@pytest.mark.slow
+def test_bf16_cache_is_read_sparse_and_finds_the_needle(vllm_env, prompts, prism_llm):
+    """A bfloat16 model: vLLM's CPU cache writer stores 16-bit pages in its own layout (AMX
+    tiles on CPUs with AMX, where Prism refused to serve before session 12), which the sparse
+    path must read back exactly (``detect_layout``) to find the needle."""
+    pol = set_policy(threshold=0.95, backend="flex")
+    llm = _engine(vllm_env, dtype="bfloat16", attention_config={"backend": "CUSTOM"})
+    try:
+        with prism.collect_stats(pol) as st:
+            (out,) = _generate(llm, [prompts["long"]])
+    finally:
+        _close(llm)
+    text = prompts["tok"].decode(_tokens(out))
+    assert prism.needle.check_answer(text, prompts["answer"]), text
+    assert st.overall_density < 0.8, st.summary()
     assert all(s.sparse_calls == 1 for s in st.layers.values())
 
 

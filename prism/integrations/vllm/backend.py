@@ -172,7 +172,7 @@ class PrismAttentionImpl(CPUAttentionBackendImpl):
             if layout is None:
                 raise NotImplementedError(
                     f"Prism vLLM backend: the CPU key-cache layout of ISA {isa!r} is not one "
-                    "Prism can read (token-major or dim-major pages); use another backend"
+                    "Prism can read (token-major, dim-major or AMX-tiled pages); use another backend"
                 )
             self._key_layout = layout
         return self._key_layout

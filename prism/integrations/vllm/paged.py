@@ -8,11 +8,13 @@ cache) and the KV blocks ``block_table[r, :ceil(seq_len / page)]`` of the paged 
 
 Paged cache, per layer, as the CPU backend stores it (one page = ``page`` tokens):
 
-* ``key_cache``   [num_pages, Hkv, page, D] as a view; the memory of a (page, head) is either
-  token-major (``"rows"``: [page, D]) or dim-major (``"cols"``: [D, page], what the CPU kernels
-  use for K). :func:`detect_layout` tells which by writing known values through the engine's
-  own cache writer.
-* ``value_cache`` [num_pages, Hkv, page, D], token-major.
+* ``key_cache``   [num_pages, Hkv, page, D] as a view; the memory of a (page, head) is
+  token-major (``"rows"``: [page, D]), dim-major (``"cols"``: [D, page], what the CPU kernels
+  use for K) or, for 16-bit caches on CPUs with AMX (vLLM's ``amx`` ISA), tiles of 16 tokens
+  with the dims in pairs (``"amx"``: [page / 16, D / 2, 16, 2]). :func:`detect_layout` tells
+  which by writing known values through the engine's own cache writer.
+* ``value_cache`` [num_pages, Hkv, page, D], token-major ([page, D]); with ``"amx"`` tiles of 16
+  dims with the tokens in pairs ([D / 16, page / 2, 16, 2]).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ __all__ = [
 ]
 
 #: memory layouts of one (page, KV head) of the key cache that :func:`gather_kv` reads
-LAYOUTS = ("rows", "cols")
+LAYOUTS = ("rows", "cols", "amx")
 
 
 @dataclass
@@ -135,11 +137,31 @@ def gather_kv(
             key_cache.storage_offset(),
         )
         k = kc[idx].permute(1, 0, 3, 2)  # [Hkv, n, page, D]
+    elif key_layout == "amx":
+        if page % 16 or d % 16:
+            raise ValueError(
+                f"the amx layout needs page % 16 == 0 and D % 16 == 0, got page {page}, D {d}"
+            )
+        # K: a (page, head) is [page / 16, D / 2, 16, 2] (16-token tiles, dims in pairs)
+        kc = key_cache.as_strided(
+            (num_pages, hkv, page // 16, d // 2, 16, 2),
+            (key_cache.stride(0), key_cache.stride(1), 16 * d, 32, 2, 1),
+            key_cache.storage_offset(),
+        )
+        k = kc[idx].permute(1, 0, 2, 4, 3, 5)  # [Hkv, n, page / 16, 16, D / 2, 2]
+        # V: [D / 16, page / 2, 16, 2] (16-dim tiles, tokens in pairs)
+        vc = value_cache.as_strided(
+            (num_pages, hkv, d // 16, page // 2, 16, 2),
+            (value_cache.stride(0), value_cache.stride(1), page * 16, 32, 2, 1),
+            value_cache.storage_offset(),
+        )
+        v = vc[idx].permute(1, 0, 3, 5, 2, 4)  # [Hkv, n, page / 2, 2, D / 16, 16]
     else:
         k = key_cache[idx].permute(1, 0, 2, 3)
-    v = value_cache[idx].permute(1, 0, 2, 3)
+    if key_layout != "amx":
+        v = value_cache[idx].permute(1, 0, 2, 3)
     k = k.reshape(hkv, n * page, d)[:, :seq_len]
-    v = v.reshape(hkv, n * page, v.shape[-1])[:, :seq_len]
+    v = v.reshape(hkv, n * page, -1)[:, :seq_len]
     return k.unsqueeze(0).contiguous(), v.unsqueeze(0).contiguous()
 
 
@@ -168,6 +190,8 @@ def detect_layout(
     write(key, value, kc, vc, slots.to(device))
     want_k, want_v = key.permute(1, 0, 2).unsqueeze(0), value.permute(1, 0, 2).unsqueeze(0)
     for layout in LAYOUTS:
+        if layout == "amx" and (page % 16 or d % 16):
+            continue
         k, v = gather_kv(kc, vc, pages, n, layout)
         if torch.equal(k, want_k) and torch.equal(v, want_v):
             return layout
