@@ -18,6 +18,10 @@ The exact probe-query scorer (``prism.scorers.probe``, issue 11) as two Triton l
    average over the probes, then the rule (top-p by the same threshold search as the Prism
    kernel), the forced sink / diagonal blocks and the two BlockMask block lists.
 
+With ``pooled_mix`` > 0 two more launches (:mod:`.pooled_kernels`: the key-block means, then the
+pooled-key estimate into a float32 ``[B, Hq, NQB, NKB]`` scratch) run before launch 2, which
+mixes that estimate into the probes' before the rule.
+
 Scratch: the log-masses, float32 ``[B, Hq, NQB, P, NKB]`` (P / BS of an ``[Sq, Sk]`` score
 matrix: 256 MiB at 128K tokens with Hq = 32, P = 2). Triton is imported only when a kernel runs.
 Nothing here imports ``prism.scorers``: the scorer passes the probe layout (rows and weights).
