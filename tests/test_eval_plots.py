@@ -2,7 +2,23 @@
 
 import pytest
 
-from prism.eval.plots import SpeedupTable, dppl_speedup_plot, heatmap_plot, pareto_plot
+from prism.eval.plots import (
+    DIRECT_COLUMNS,
+    E2E_COLUMNS,
+    ESTIMATOR_COLUMNS,
+    KERNEL_COLUMNS,
+    SpeedupTable,
+    dppl_speedup_plot,
+    heatmap_plot,
+    pareto_plot,
+)
+
+
+def _csv(path, columns, *rows):
+    """A CSV file of the benchmark format ``columns`` holding the given fixed rows."""
+    lines = [",".join(columns)] + [",".join(str(x) for x in r) for r in rows]
+    path.write_text("\n".join(lines) + "\n")
+    return path
 
 
 def _recall(scorer, params, density, recall, length=1024):
@@ -47,29 +63,33 @@ def test_pareto_and_heatmap_written(tmp_path):
 
 
 def test_speedup_table_parses_each_csv_format(tmp_path):
-    """``SpeedupTable``'s arithmetic on hand-written CSV rows (fixed numbers; nothing is timed)."""
-    direct = tmp_path / "direct.csv"
-    direct.write_text("scorer,length,speedup\nprism,8192,1.5\n")
+    """``SpeedupTable``'s arithmetic on hand-written CSV rows of each benchmark format (fixed
+    numbers; nothing is timed here)."""
+    direct = _csv(tmp_path / "direct.csv", DIRECT_COLUMNS, ("prism", 8192, 1.5))
     assert SpeedupTable(direct).speedup("prism", 8192, 0.3) == 1.5
     assert SpeedupTable(direct).speedup("prism", 4096, 0.3) is None
 
-    e2e = tmp_path / "e2e.csv"
-    e2e.write_text(
-        "S,scorer,backend,density,est_ms,kernel_ms,dense_cudnn_ms\n"
-        "8192,prism,a,0.1,0.2,0.3,1.0\n8192,prism,b,0.1,0.2,0.2,1.0\n"
+    e2e = _csv(
+        tmp_path / "e2e.csv",
+        E2E_COLUMNS,
+        (8192, "prism", "a", 0.1, 0.2, 0.3, 1.0),
+        (8192, "prism", "b", 0.1, 0.2, 0.2, 1.0),
     )
-    (tmp_path / "estimators_x.csv").write_text(
-        "length,name,time_ms\n8192,xattn,0.5\n8192,prism,9.9\n"
+    _csv(
+        tmp_path / "estimators_x.csv", ESTIMATOR_COLUMNS, (8192, "xattn", 0.5), (8192, "prism", 9.9)
     )
     t = SpeedupTable(e2e)
-    # dense / (estimator + best kernel ms per unit density x density) = 1 / (0.2 + 2.0 * 0.25)
+    # dense / (estimator + best kernel cost per unit density x density) = 1 / (0.2 + 2.0 * 0.25)
     assert t.speedup("prism", 8192, 0.25) == pytest.approx(1 / 0.7)
     assert t.speedup("xattn", 8192, 0.25) == pytest.approx(1 / 1.0)  # estimator from the side file
     assert t.speedup("minference", 8192, 0.25) is None
 
-    kern = tmp_path / "k.csv"
-    kern.write_text(
-        "S,kernel,density,ms\n8192,sdpa_cudnn_dense,1.0,1.0\n8192,triton_sparse,0.1,0.2\n8192,triton_sparse,0.5,0.6\n"
+    kern = _csv(
+        tmp_path / "k.csv",
+        KERNEL_COLUMNS,
+        (8192, "sdpa_cudnn_dense", 1.0, 1.0),
+        (8192, "triton_sparse", 0.1, 0.2),
+        (8192, "triton_sparse", 0.5, 0.6),
     )
     assert SpeedupTable(kern).speedup("window", 8192, 0.3) == pytest.approx(1 / 0.4)
 
@@ -85,7 +105,6 @@ def test_dppl_speedup_plot_skips_without_data(tmp_path):
     assert path is None and "skipped" in note
     path, note = dppl_speedup_plot(recs, tmp_path / "d.png", tmp_path / "missing.csv")
     assert path is None and "skipped" in note
-    csv = tmp_path / "s.csv"
-    csv.write_text("scorer,length,speedup\nprism,8192,1.5\n")
+    csv = _csv(tmp_path / "s.csv", DIRECT_COLUMNS, ("prism", 8192, 1.5))
     path, note = dppl_speedup_plot(recs, tmp_path / "d.png", csv)
     assert path is not None and path.stat().st_size > 1000

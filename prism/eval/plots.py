@@ -154,6 +154,13 @@ def _interp(xs: Sequence[float], ys: Sequence[float], x: float) -> float | None:
     return pts[-1][1]
 
 
+# the columns of the benchmark CSVs SpeedupTable reads (in the order the benchmarks write them)
+E2E_COLUMNS = ("S", "scorer", "backend", "density", "est_ms", "kernel_ms", "dense_cudnn_ms")
+DIRECT_COLUMNS = ("scorer", "length", "speedup")
+KERNEL_COLUMNS = ("S", "kernel", "density", "ms")
+ESTIMATOR_COLUMNS = ("length", "name", "time_ms")
+
+
 class SpeedupTable:
     """Speed-ups from a GPU benchmark CSV (see the module docstring for the two formats)."""
 
@@ -165,7 +172,7 @@ class SpeedupTable:
         self.kernel: dict[int, dict[str, list[tuple[float, float]]]] = {}
         self.estimator: dict[tuple[str, int], float] = {}
         self.e2e: dict[int, dict[str, float]] = {}
-        if {"S", "scorer", "density", "est_ms", "kernel_ms", "dense_cudnn_ms"} <= cols:
+        if set(E2E_COLUMNS) - {"backend"} <= cols:
             for r in rows:
                 s, name = int(float(r["S"])), r["scorer"]
                 d, est, kern = float(r["density"]), float(r["est_ms"]), float(r["kernel_ms"])
@@ -185,7 +192,7 @@ class SpeedupTable:
             for r in rows:
                 name = r.get("scorer") or r.get("name")
                 self.direct[(name, int(float(r["length"])))] = float(r["speedup"])
-        elif {"S", "kernel", "density", "ms"} <= cols:
+        elif set(KERNEL_COLUMNS) <= cols:
             for r in rows:
                 self.kernel.setdefault(int(float(r["S"])), {}).setdefault(r["kernel"], []).append(
                     (float(r["density"]), float(r["ms"]))
