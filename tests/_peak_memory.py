@@ -8,13 +8,16 @@ import subprocess
 import sys
 
 SCRIPT = """
-import json, torch
+import json, os
+if {interpret}:
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+import torch
 import prism
 torch.manual_seed(0)
-B, HQ, HKV, S, D = 1, 8, 2, 32768, 64
+B, HQ, HKV, S, D = {shape}
 q = torch.randn(B, HQ, S, D)
 k = torch.randn(B, HKV, S, D)
-scorer = prism.build_scorer("probe", chunk_mb=8, threshold=0.9, **json.loads({params!r}))
+scorer = prism.build_scorer("probe", **json.loads({params!r}))
 scorer(q[:, :, :1024], k[:, :, :1024])  # warm up code paths and the allocator
 def status(key):  # VmHWM: this process's own peak (ru_maxrss starts at the parent's)
     with open("/proc/self/status") as f:
@@ -24,17 +27,25 @@ sel = scorer(q, k)
 peak = status("VmHWM")
 now = status("VmRSS")
 control = torch.ones(64 << 18)  # 64 MiB above the current RSS: the measurement must see it
-print(json.dumps({{"extra": peak - base, "control": status("VmHWM") - now,
-                  "nkb": sel.mask.shape[-1]}}))
+nkb = (sel.lists[1] if sel.lists is not None else sel.mask).shape[-1]
+print(json.dumps({{"extra": peak - base, "control": status("VmHWM") - now, "nkb": nkb,
+                  "path": scorer.last_path}}))
 """
 
 
-def probe_peak_extra(**params) -> dict:
-    """``{"extra": bytes above the warmed-up peak, "nkb": 256}`` for B 1, Hq 8, Hkv 2, D 64,
-    32768 tokens, ``chunk_mb=8``, top-p 0.9 and ``params`` (VmHWM of a fresh process; asserts
-    that a 64 MiB control allocation after the call is seen)."""
-    code = SCRIPT.format(params=json.dumps(params))
+def peak_extra(shape=(1, 8, 2, 32768, 64), interpret=False, **params) -> dict:
+    """``{"extra": bytes above the warmed-up peak, "nkb", "path"}`` of one ``probe`` scorer call
+    with ``params`` on random q/k of ``shape`` = (B, Hq, Hkv, S, D), in a fresh process (its own
+    VmHWM; ``interpret``: under Triton's interpreter). Asserts that a 64 MiB control allocation
+    after the call is seen."""
+    code = SCRIPT.format(shape=tuple(shape), interpret=bool(interpret), params=json.dumps(params))
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     r = json.loads(res.stdout.strip().splitlines()[-1])
     assert r["control"] > 48 << 20, r  # else the measurement could not see anything
     return r
+
+
+def probe_peak_extra(**params) -> dict:
+    """:func:`peak_extra` for B 1, Hq 8, Hkv 2, D 64, 32768 tokens, ``chunk_mb=8``, top-p 0.9
+    and ``params``."""
+    return peak_extra(chunk_mb=8, threshold=0.9, **params)

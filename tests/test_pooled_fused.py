@@ -9,12 +9,11 @@ Under Triton's interpreter (CPU, fp32 and fp16: bf16 ``tl.dot`` is wrong there) 
 
 from __future__ import annotations
 
-import json
-import subprocess
 import sys
 
 import pytest
 import torch
+from _peak_memory import peak_extra
 from naive_probe import naive_pooled_key_probs, naive_probe, naive_probe_probs
 
 import prism
@@ -182,28 +181,6 @@ def test_kernel_params_carry_the_mixture():
     assert '"pooled_mix": 0.25' in s.op_key  # the compiled op's key: a mixture is its own op
 
 
-_MEMORY_SCRIPT = """
-import json, os
-os.environ["TRITON_INTERPRET"] = "1"
-import torch, prism
-torch.manual_seed(0)
-B, HQ, HKV, S, D = 1, 2, 1, 32768, 16
-q, k = torch.randn(B, HQ, S, D), torch.randn(B, HKV, S, D)
-sc = prism.build_scorer("probe", impl="triton", pooled_mix=0.3, threshold=0.9)
-sc(q[:, :, :1024], k[:, :, :1024])  # warm up code paths and the allocator
-def status(key):  # VmHWM: this process's own peak (ru_maxrss starts at the parent's)
-    with open("/proc/self/status") as f:
-        return next(int(x.split()[1]) * 1024 for x in f if x.startswith(key + ":"))
-base = status("VmHWM")
-sel = sc(q, k)
-peak = status("VmHWM")
-now = status("VmRSS")
-control = torch.ones(S, S // 64)  # 64 MiB above the current RSS: the measurement must see it
-print(json.dumps({"extra": peak - base, "control": status("VmHWM") - now,
-                  "nkb": sel.lists[1].shape[-1], "path": sc.last_path}))
-"""
-
-
 @pytest.mark.skipif(not op.triton_available(), reason="needs Triton")
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 def test_fused_mixture_memory_is_block_level_at_32k():
@@ -212,14 +189,10 @@ def test_fused_mixture_memory_is_block_level_at_32k():
     block-level tensors (B·Hq·NQB·NKB float32 = 512 KiB here), never [Sq, Sk] (4 GiB), nor the
     [rows, NKB] pooled logits of every 8th row (8 MiB); a 64 MiB control allocation afterwards
     is seen."""
-    res = subprocess.run(
-        [sys.executable, "-c", _MEMORY_SCRIPT], capture_output=True, text=True, check=True
-    )
-    r = json.loads(res.stdout.strip().splitlines()[-1])
+    r = peak_extra((1, 2, 1, 32768, 16), True, impl="triton", pooled_mix=0.3, threshold=0.9)
     assert r["path"] == "triton" and r["nkb"] == 256
     block_level = 2 * 256 * 256 * 4
     assert r["extra"] < 8 * block_level, r  # 4 MiB (measured: ~1.9 MiB)
-    assert r["control"] > 48 << 20, r  # the method sees a 64 MiB allocation
 
 
 @pytest.mark.gpu
