@@ -107,6 +107,17 @@ def plan_batch(
     return plan
 
 
+def _pages_as(cache: torch.Tensor, idx: torch.Tensor, shape, strides) -> torch.Tensor:
+    """The pages ``idx`` of a [num_pages, Hkv, page, D] cache view whose (page, head) memory is
+    read as ``shape`` with element ``strides`` (a strided view; the page and head strides kept)."""
+    full = cache.as_strided(
+        (cache.shape[0], cache.shape[1], *shape),
+        (cache.stride(0), cache.stride(1), *strides),
+        cache.storage_offset(),
+    )
+    return full[idx]
+
+
 def gather_kv(
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
@@ -129,37 +140,22 @@ def gather_kv(
             f"{seq_len} tokens need {n} pages, the block table row has {pages.numel()}"
         )
     idx = pages[:n].to(device=key_cache.device, dtype=torch.long)
-    if key_layout == "cols":
-        # the memory of a (page, head) is [D, page]: reinterpret the view's strides
-        kc = key_cache.as_strided(
-            (num_pages, hkv, d, page),
-            (key_cache.stride(0), key_cache.stride(1), page, 1),
-            key_cache.storage_offset(),
-        )
-        k = kc[idx].permute(1, 0, 3, 2)  # [Hkv, n, page, D]
+    v = value_cache[idx].permute(1, 0, 2, 3)  # token-major: [Hkv, n, page, D] (views only)
+    if key_layout == "cols":  # K of a (page, head) is [D, page]
+        k = _pages_as(key_cache, idx, (d, page), (page, 1)).permute(1, 0, 3, 2)
     elif key_layout == "amx":
         if page % 16 or d % 16:
             raise ValueError(
                 f"the amx layout needs page % 16 == 0 and D % 16 == 0, got page {page}, D {d}"
             )
-        # K: a (page, head) is [page / 16, D / 2, 16, 2] (16-token tiles, dims in pairs)
-        kc = key_cache.as_strided(
-            (num_pages, hkv, page // 16, d // 2, 16, 2),
-            (key_cache.stride(0), key_cache.stride(1), 16 * d, 32, 2, 1),
-            key_cache.storage_offset(),
-        )
-        k = kc[idx].permute(1, 0, 2, 4, 3, 5)  # [Hkv, n, page / 16, 16, D / 2, 2]
-        # V: [D / 16, page / 2, 16, 2] (16-dim tiles, tokens in pairs)
-        vc = value_cache.as_strided(
-            (num_pages, hkv, d // 16, page // 2, 16, 2),
-            (value_cache.stride(0), value_cache.stride(1), page * 16, 32, 2, 1),
-            value_cache.storage_offset(),
-        )
-        v = vc[idx].permute(1, 0, 3, 5, 2, 4)  # [Hkv, n, page / 2, 2, D / 16, 16]
+        # K: [page / 16, D / 2, 16, 2] (16-token tiles, dims in pairs) -> [Hkv, n, page/16, 16, D/2, 2]
+        k = _pages_as(key_cache, idx, (page // 16, d // 2, 16, 2), (16 * d, 32, 2, 1))
+        k = k.permute(1, 0, 2, 4, 3, 5)
+        # V: [D / 16, page / 2, 16, 2] (16-dim tiles, tokens in pairs) -> [Hkv, n, page/2, 2, D/16, 16]
+        v = _pages_as(value_cache, idx, (d // 16, page // 2, 16, 2), (page * 16, 32, 2, 1))
+        v = v.permute(1, 0, 3, 5, 2, 4)
     else:
         k = key_cache[idx].permute(1, 0, 2, 3)
-    if key_layout != "amx":
-        v = value_cache[idx].permute(1, 0, 2, 3)
     k = k.reshape(hkv, n * page, d)[:, :seq_len]
     v = v.reshape(hkv, n * page, -1)[:, :seq_len]
     return k.unsqueeze(0).contiguous(), v.unsqueeze(0).contiguous()

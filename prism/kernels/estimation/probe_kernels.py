@@ -738,7 +738,8 @@ def launch_select(
     full_num = torch.empty(b, hq, nqb, device=dev, dtype=torch.int32)
     kv_idx = torch.empty(b, hq, nqb, nkb, device=dev, dtype=torch.int32)
     full_idx = torch.empty(b, hq, nqb, nkb, device=dev, dtype=torch.int32)
-    mix = pooled is not None and float(alpha) > 0.0
+    alpha = float(alpha) if pooled is not None else 0.0
+    mix = alpha > 0.0
     if mix and (pooled.shape != (b, hq, nqb, nkb) or pooled.dtype != torch.float32):
         raise ValueError(
             f"pooled must be float32 [{b}, {hq}, {nqb}, {nkb}], got {pooled.dtype} "
@@ -762,7 +763,7 @@ def launch_select(
         nkb,
         sk - sq,
         target,
-        float(alpha) if mix else 0.0,
+        alpha,
         n_q_tiles,
         n_g_tiles,
         P=p,

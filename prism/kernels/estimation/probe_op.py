@@ -64,7 +64,7 @@ class ProbeKernelParams:
     block_size: BS.  rule: ``top_p`` | ``top_k`` | ``min_prob``; threshold / top_k / min_prob its
     parameter.  force_sink / force_diagonal: always keep KV block 0 / the partial blocks.
     pooled_mix / pooled_stride: α and s of the pooled-key mixture (α = 0: the probes alone; α > 0:
-    a third launch, :func:`.pooled_kernels.launch_pooled_probs`, and launch 2 mixes it in).
+    the two launches of :func:`.pooled_kernels.launch_pooled_probs`, mixed in by launch 2).
     """
 
     block_size: int
@@ -84,11 +84,13 @@ class ProbeKernelParams:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
         if not 0.0 <= float(self.pooled_mix) < 1.0:
             raise ValueError(f"pooled_mix must be in [0, 1), got {self.pooled_mix}")
-        if self.pooled_mix > 0 and not 1 <= int(self.pooled_stride) <= int(self.block_size):
-            raise ValueError(
-                f"pooled_stride must be in [1, block_size={self.block_size}], "
-                f"got {self.pooled_stride}"
-            )
+        if self.pooled_mix > 0:
+            _check_stride("pooled_stride", self.pooled_stride, self.block_size)
+
+
+def _check_stride(name: str, stride: int, block_size: int) -> None:
+    if not 1 <= int(stride) <= int(block_size):
+        raise ValueError(f"{name} must be in [1, block_size={block_size}], got {stride}")
 
 
 def probe_unsupported_reason(q: torch.Tensor, k: torch.Tensor, block_size: int) -> str | None:
@@ -214,8 +216,7 @@ def pooled_key_probs_fused(
     launches (:mod:`.pooled_kernels`): float32 ``[B, Hq, NQB, NKB]``, rows summing to 1, zero past
     each query block's visible KV blocks. q [B, Hq, Sq, D], k [B, Hkv, Sk, D] (Sk >= Sq)."""
     probe_check_runnable(q, k, block_size)
-    if not 1 <= int(stride) <= int(block_size):
-        raise ValueError(f"stride must be in [1, block_size={block_size}], got {stride}")
+    _check_stride("stride", stride, block_size)
     from .pooled_kernels import launch_pooled_probs
 
     return launch_pooled_probs(q, k, block_size, stride)
