@@ -164,9 +164,10 @@ elif [ "$phase" = gpu12 ]; then  # the first half of all12 (no bundle needed)
     | tail -12
 elif [ "$phase" = model12 ]; then  # the second half of all12 (GGUF=path: the model file alone)
   PP=cfg:prism/configs/policies/smollm2_probe_pooled.yaml
+  P3=cfg:prism/configs/policies/smollm2_probe_p3_pooled.yaml
   NL=cfg:prism/configs/policies/smollm2_probe_near_lossless.yaml
   timeout ${SMOL_T:-450} python3 benchmarks/bench_model.py gguf=$GGUF compile=true graph=true \
-    lengths=${SMOL_LENGTHS:-[8192,32768,131072]} "policies=[dense,prism,$NL,$PP]" \
+    lengths=${SMOL_LENGTHS:-[8192,32768,131072]} "policies=${SMOL_POLICIES:-[dense,$NL,$PP,$P3]}" \
     reps=3 warmup=1 parts=false out=$OUT/model_graph_s12_h200 2>&1 | grep -v Warning | tail -16
 elif [ "$phase" = eightb7 ]; then
   timeout ${EIGHTB_T:-300} python3 benchmarks/bench_model.py model=random-llama8b compile=true \

@@ -152,13 +152,23 @@ def test_fused_launch_one_with_the_mixture_on_the_gpu():
     assert sel.density < 0.9
 
 
-def test_shipped_pooled_policy():
-    """``smollm2_probe_pooled.yaml``: the mixture (0.3, stride 8) at top-p 0.96 below 32K keys
-    and 0.95 from 32K, every layer alike."""
+@pytest.mark.parametrize(
+    "name,probes,mix,short_th,long_th",
+    [("smollm2_probe_pooled", 2, 0.3, 0.96, 0.95), ("smollm2_probe_p3_pooled", 3, 0.2, 0.96, 0.94)],
+)
+def test_shipped_pooled_policies(name, probes, mix, short_th, long_th):
+    """The shipped mixtures: P shared probes mixed with the pooled estimate (stride 8), one
+    top-p threshold below 32K keys and another from 32K, every layer alike."""
     from prism.policy import PrismPolicy
 
-    pol = PrismPolicy.from_config("prism/configs/policies/smollm2_probe_pooled.yaml")
+    pol = PrismPolicy.from_config(f"prism/configs/policies/{name}.yaml")
     for layer in (0, 17, 29):
         short, long = pol.scorer_for(layer, 8192).config, pol.scorer_for(layer, 32768).config
-        assert (short.pooled_mix, short.pooled_stride, short.threshold) == (0.3, 8, 0.96)
-        assert (long.pooled_mix, long.pooled_stride, long.threshold) == (0.3, 8, 0.95)
+        for c, th in ((short, short_th), (long, long_th)):
+            assert (c.probes, c.placement, c.pooled_mix, c.pooled_stride) == (
+                probes,
+                "shared",
+                mix,
+                8,
+            )
+            assert c.threshold == th
