@@ -62,36 +62,44 @@ def test_pareto_and_heatmap_written(tmp_path):
     assert pareto_plot([], tmp_path / "none.png") is None
 
 
+def _ratio(dense, estimator, sparse):
+    """The cost model SpeedupTable implements (module docstring of ``prism.eval.plots``):
+    dense cost / (estimator cost + sparse kernel cost), all in the same unit."""
+    return dense / (estimator + sparse)
+
+
 def test_speedup_table_parses_each_csv_format(tmp_path):
-    """``SpeedupTable``'s arithmetic on hand-written CSV rows of each benchmark format (fixed
-    numbers; nothing is timed here)."""
+    """``SpeedupTable`` reads each benchmark CSV format and applies the cost model ``_ratio`` to
+    hand-written rows of abstract costs (no clock is read anywhere in this test)."""
     direct = _csv(tmp_path / "direct.csv", DIRECT_COLUMNS, ("prism", 8192, 1.5))
-    assert SpeedupTable(direct).speedup("prism", 8192, 0.3) == 1.5
+    assert SpeedupTable(direct).speedup("prism", 8192, 0.3) == 1.5  # a ratio column: read as is
     assert SpeedupTable(direct).speedup("prism", 4096, 0.3) is None
 
-    e2e = _csv(
-        tmp_path / "e2e.csv",
-        E2E_COLUMNS,
-        (8192, "prism", "a", 0.1, 0.2, 0.3, 1.0),
-        (8192, "prism", "b", 0.1, 0.2, 0.2, 1.0),
-    )
-    _csv(
-        tmp_path / "estimators_x.csv", ESTIMATOR_COLUMNS, (8192, "xattn", 0.5), (8192, "prism", 9.9)
-    )
+    # per-backend rows (density, estimator, kernel, dense); the best kernel cost per unit density
+    # (backend b: 2.0) scales to the requested density
+    rows = [(8192, "prism", "a", 0.1, 0.2, 0.3, 1.0), (8192, "prism", "b", 0.1, 0.2, 0.2, 1.0)]
+    e2e = _csv(tmp_path / "e2e.csv", E2E_COLUMNS, *rows)
+    side = [(8192, "xattn", 0.5), (8192, "prism", 9.9)]  # estimator costs from a side file
+    _csv(tmp_path / "estimators_x.csv", ESTIMATOR_COLUMNS, *side)
     t = SpeedupTable(e2e)
-    # dense / (estimator + best kernel cost per unit density x density) = 1 / (0.2 + 2.0 * 0.25)
-    assert t.speedup("prism", 8192, 0.25) == pytest.approx(1 / 0.7)
-    assert t.speedup("xattn", 8192, 0.25) == pytest.approx(1 / 1.0)  # estimator from the side file
+    per_density = min(r[5] / r[3] for r in rows)
+    dense = rows[0][6]
+    want_prism = _ratio(dense, rows[0][4], per_density * 0.25)  # the CSV's estimator wins
+    want_xattn = _ratio(dense, side[0][2], per_density * 0.25)
+    assert t.speedup("prism", 8192, 0.25) == pytest.approx(want_prism)
+    assert t.speedup("xattn", 8192, 0.25) == pytest.approx(want_xattn)
     assert t.speedup("minference", 8192, 0.25) is None
 
-    kern = _csv(
-        tmp_path / "k.csv",
-        KERNEL_COLUMNS,
+    # kernel rows: dense cuDNN and the sparse kernel at two densities, interpolated at 0.3
+    kern_rows = [
         (8192, "sdpa_cudnn_dense", 1.0, 1.0),
         (8192, "triton_sparse", 0.1, 0.2),
         (8192, "triton_sparse", 0.5, 0.6),
-    )
-    assert SpeedupTable(kern).speedup("window", 8192, 0.3) == pytest.approx(1 / 0.4)
+    ]
+    kern = _csv(tmp_path / "k.csv", KERNEL_COLUMNS, *kern_rows)
+    sparse_at = kern_rows[1][3] + (kern_rows[2][3] - kern_rows[1][3]) * (0.3 - 0.1) / (0.5 - 0.1)
+    want_window = _ratio(kern_rows[0][3], 0.0, sparse_at)  # no estimator cost for "window"
+    assert SpeedupTable(kern).speedup("window", 8192, 0.3) == pytest.approx(want_window)
 
     bad = tmp_path / "bad.csv"
     bad.write_text("a,b\n1,2\n")
