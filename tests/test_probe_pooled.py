@@ -172,3 +172,6 @@ def test_shipped_pooled_policies(name, probes, mix, short_th, long_th):
                 8,
             )
             assert c.threshold == th
+    if name == "smollm2_probe_p3_pooled":  # from 64K keys: the P = 2 mixture (one computed probe)
+        c = pol.scorer_for(5, 131072).config
+        assert (c.probes, c.placement, c.pooled_mix, c.threshold) == (2, "shared", 0.3, 0.94)
