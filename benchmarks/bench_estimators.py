@@ -13,7 +13,9 @@ device (:func:`prism.synthetic.synthetic_qkv`, topic segments of 512 tokens). Fo
 e.g. ``union``, are skipped and listed):
 
 * estimation time: ``scorer(q, k)`` (scoring + selection, up to the BlockSelection), the median of
-  ``triton.testing.do_bench``;
+  ``triton.testing.do_bench``; with ``graph=true`` also the call captured once in a CUDA graph
+  and replayed (device time without the host's launch overhead, which dominates sub-0.3 ms
+  calls; scorers that cannot be captured get a note);
 * extra peak memory: ``torch.cuda.max_memory_allocated()`` during one call minus the memory
   allocated before it (inputs excluded, the returned selection included);
 * density of the selection (selected / causal blocks), for context only (synthetic inputs);
@@ -87,6 +89,20 @@ def time_ms(fn, device, rep_ms):
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
+
+
+def graph_time_ms(fn, rep_ms):
+    """Median ms of ``fn()`` replayed from a CUDA graph (``bench_model.capture_graph``), or NaN
+    where the call cannot be captured (a host sync inside it)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from bench_model import capture_graph
+
+    try:
+        replay = capture_graph(fn)
+    except RuntimeError as e:
+        print(f"[bench] not capturable: {str(e).splitlines()[0][:80]}")
+        return math.nan
+    return time_ms(replay, torch.device("cuda"), rep_ms)
 
 
 def extra_peak_mb(fn, device):
@@ -167,10 +183,13 @@ def markdown(rows, lengths, names, dense_label, header):
     by = {(r["name"], r["length"]): r for r in rows}
     for title, key, digits in (
         ("Estimation time (ms, median)", "time_ms", 2),
+        ("Estimation time, CUDA graph replay (ms, median)", "graph_ms", 3),
         ("Extra peak memory (MB)", "extra_mb", 0),
         ("Density (selected / causal blocks; synthetic inputs)", "density", 3),
     ):
         table = []
+        if key == "graph_ms" and not any(r.get("graph_ms") is not None for r in rows):
+            continue
         for name in ([DENSE_ROW] if key == "time_ms" else []) + names:
             cells = []
             for n in lengths:
@@ -204,6 +223,9 @@ class Args:
     rep_ms: int = dataclasses.field(default=200, metadata={"help": "do_bench time per case"})
     smoke: bool = dataclasses.field(
         default=False, metadata={"help": "CPU, tiny shapes: checks the script"}
+    )
+    graph: bool = dataclasses.field(
+        default=False, metadata={"help": "CUDA: also time each call replayed from a CUDA graph"}
     )
 
 
@@ -242,21 +264,24 @@ def main(argv=None):
         print(f"[{label(length)}] {dense_label}: {fmt(t)} ms", flush=True)
         for name, scorer in scorers.items():
             row = dict(length=length, name=name, time_ms=math.nan, extra_mb=math.nan,
-                       density=math.nan, note="")  # fmt: skip
+                       density=math.nan, note="", graph_ms=None)  # fmt: skip
             try:
                 call = functools.partial(scorer, q, k)
                 row["extra_mb"], sel = extra_peak_mb(call, device)
                 row["density"] = sel.density
                 del sel
                 row["time_ms"] = time_ms(call, device, args.rep_ms)
+                if args.graph and device.type == "cuda":
+                    row["graph_ms"] = graph_time_ms(call, args.rep_ms)
                 del call
             except torch.cuda.OutOfMemoryError:
                 row["note"] = "OOM"
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             rows.append(row)
+            graphed = "" if row["graph_ms"] is None else f" (graph {fmt(row['graph_ms'], 3)} ms)"
             print(
-                f"[{label(length)}] {name}: {fmt(row['time_ms'])} ms, "
+                f"[{label(length)}] {name}: {fmt(row['time_ms'])} ms{graphed}, "
                 f"{fmt(row['extra_mb'], 0)} MB, density {fmt(row['density'], 3)} {row['note']}",
                 flush=True,
             )
@@ -275,7 +300,7 @@ def main(argv=None):
     print("\n" + md)
     with open(out / f"{tag}.csv", "w", newline="") as f:
         w = csv.DictWriter(
-            f, fieldnames=["length", "name", "time_ms", "extra_mb", "density", "note"]
+            f, fieldnames=["length", "name", "time_ms", "graph_ms", "extra_mb", "density", "note"]
         )
         w.writeheader()
         w.writerows(rows)
