@@ -45,6 +45,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))  # bench_model's graph capture, for graph=true
 
 import prism  # noqa: E402
 from prism.cli import parse_cli  # noqa: E402
@@ -94,7 +95,6 @@ def time_ms(fn, device, rep_ms):
 def graph_time_ms(fn, rep_ms):
     """Median ms of ``fn()`` replayed from a CUDA graph (``bench_model.capture_graph``), or NaN
     where the call cannot be captured (a host sync inside it)."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
     from bench_model import capture_graph
 
     try:

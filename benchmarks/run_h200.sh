@@ -23,6 +23,7 @@
 #                                        # the near-lossless and the pooled policy)
 #   bash benchmarks/run_h200.sh gpu12 / model12  # all12 in two calls (model12 with GGUF=file:
 #                                        # the model file alone, no FA4 wheels: flex -> Triton)
+#                                        # model12 knobs: SMOL_POLICIES, SMOL_LENGTHS, SMOL_T, SMOL_TAG (out stem)
 set -uo pipefail
 phase=${1:-model}
 OUT=${OUT:-/tmp/out}
@@ -168,7 +169,7 @@ elif [ "$phase" = model12 ]; then  # the second half of all12 (GGUF=path: the mo
   NL=cfg:prism/configs/policies/smollm2_probe_near_lossless.yaml
   timeout ${SMOL_T:-450} python3 benchmarks/bench_model.py gguf=$GGUF compile=true graph=true \
     lengths=${SMOL_LENGTHS:-[8192,32768,131072]} "policies=${SMOL_POLICIES:-[dense,$NL,$PP,$P3]}" \
-    reps=3 warmup=1 parts=false out=$OUT/model_graph_s12_h200 2>&1 | grep -v Warning | tail -16
+    reps=3 warmup=1 parts=false out=$OUT/${SMOL_TAG:-model_graph_s12_h200} 2>&1 | grep -v Warning | tail -16
 elif [ "$phase" = eightb7 ]; then
   timeout ${EIGHTB_T:-300} python3 benchmarks/bench_model.py model=random-llama8b compile=true \
     graph=true check=false lengths=[131072] "policies=[dense,topk:0.2]" reps=1 warmup=1 \

@@ -157,8 +157,8 @@ def test_fused_launch_one_with_the_mixture_on_the_gpu():
     [("smollm2_probe_pooled", 2, 0.3, 0.96, 0.95), ("smollm2_probe_p3_pooled", 3, 0.2, 0.98, 0.94)],
 )
 def test_shipped_pooled_policies(name, probes, mix, short_th, long_th):
-    """The shipped mixtures: P shared probes mixed with the pooled estimate (stride 8), one
-    top-p threshold below 32K keys and another from 32K, every layer alike."""
+    """The shipped mixtures: P shared probes mixed with the pooled estimate (stride 8), every
+    layer alike; the thresholds at 8K and 32K keys, and the P = 3 policy's 16K and 64K buckets."""
     from prism.policy import PrismPolicy
 
     pol = PrismPolicy.from_config(f"prism/configs/policies/{name}.yaml")
