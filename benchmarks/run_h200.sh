@@ -24,6 +24,8 @@
 #   bash benchmarks/run_h200.sh gpu12 / model12  # all12 in two calls (model12 with GGUF=file:
 #                                        # the model file alone, no FA4 wheels: flex -> Triton)
 #                                        # model12 knobs: SMOL_POLICIES, SMOL_LENGTHS, SMOL_T, SMOL_TAG (out stem)
+#   bash benchmarks/run_h200.sh bound15 / eightb15  # session 15: SmolLM2 32K/128K and the 8B shape
+#                                        # at 128K with null_real_ms and the Amdahl bound per policy
 set -uo pipefail
 phase=${1:-model}
 OUT=${OUT:-/tmp/out}
@@ -170,6 +172,16 @@ elif [ "$phase" = model12 ]; then  # the second half of all12 (GGUF=path: the mo
   timeout ${SMOL_T:-450} python3 benchmarks/bench_model.py gguf=$GGUF compile=true graph=true \
     lengths=${SMOL_LENGTHS:-[8192,32768,131072]} "policies=${SMOL_POLICIES:-[dense,$NL,$PP,$P3]}" \
     reps=3 warmup=1 parts=false out=$OUT/${SMOL_TAG:-model_graph_s12_h200} 2>&1 | grep -v Warning | tail -16
+elif [ "$phase" = bound15 ]; then  # session 15: the Amdahl bound next to the measured speed-up
+  # (null_real: the non-attention work on real data; parts: estimator / kernel on captured Q/K/V)
+  timeout ${SMOL_T:-400} python3 benchmarks/bench_model.py gguf=$GGUF compile=true graph=true \
+    lengths=${SMOL_LENGTHS:-[32768,131072]} "policies=${SMOL_POLICIES:-[dense,prism]}" \
+    reps=3 warmup=1 out=$OUT/${SMOL_TAG:-model_bound_s15} 2>&1 | grep -v Warning | tail -12
+elif [ "$phase" = eightb15 ]; then
+  timeout ${EIGHTB_T:-420} python3 benchmarks/bench_model.py model=random-llama8b compile=true \
+    graph=true check=false lengths=[131072] "policies=${EIGHTB_POLICIES:-[dense,topk:0.2]}" \
+    reps=3 warmup=1 ppl=false parts=false out=$OUT/${EIGHTB_TAG:-llama8b_bound_s15} 2>&1 \
+    | grep -v Warning | tail -8
 elif [ "$phase" = eightb7 ]; then
   timeout ${EIGHTB_T:-300} python3 benchmarks/bench_model.py model=random-llama8b compile=true \
     graph=true check=false lengths=[131072] "policies=[dense,topk:0.2]" reps=1 warmup=1 \

@@ -90,3 +90,57 @@ def test_cfg_policy_splits_path_and_overrides(bench_model, name, path, extra):
     assert kw["config"] == path
     assert {k: v for k, v in kw.items() if k in extra} == extra
     assert not set(extra) - set(kw)
+
+
+def test_proportional_bound_is_amdahl(bench_model):
+    # 100 ms dense of which 80 ms attention; a kernel at a quarter of it: 20 + 20 ms
+    assert bench_model.proportional_bound(100.0, 20.0, 0.25) == pytest.approx(2.5)
+    assert bench_model.proportional_bound(100.0, 20.0, 1.0) == pytest.approx(1.0)
+    # density -> 0: only the non-attention work is left
+    assert bench_model.proportional_bound(100.0, 20.0, 0.0) == pytest.approx(5.0)
+
+
+def test_null_real_returns_a_captured_real_attention_output(bench_model):
+    """The ``null_real`` forward: a dense forward through ``bench_outcap`` keeps the middle
+    layer's attention output; ``bench_null_real`` then hands exactly that tensor to every layer
+    (so the non-attention work runs on real data), and refuses a shape it has not captured."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    conf = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=8)  # fmt: skip
+    conf._attn_implementation = "sdpa"
+    model = LlamaForCausalLM(conf).eval()
+    bench_model.register_helpers()
+    ids = torch.randint(0, 64, (2, 37))
+    seen = []
+    real = bench_model._real_null_attention
+
+    def spy(module, query, key, value, attention_mask, **kwargs):
+        out, w = real(module, query, key, value, attention_mask, **kwargs)
+        seen.append(out)
+        return out, w
+
+    store = bench_model._NULL_REAL
+    store.clear()
+    store["layer"] = 2
+    try:
+        with torch.no_grad():
+            with bench_model.attn_impl(model, "bench_outcap"):
+                h_dense = model.model(input_ids=ids).last_hidden_state
+            captured = store[(2, 37, 4, 8)]
+            # the capture is the real attention of layer 2: the SDPA output of its Q/K/V
+            assert captured.shape == (2, 37, 4, 8) and captured.abs().sum() > 0
+            from transformers import AttentionInterface
+
+            AttentionInterface.register("bench_null_real", spy)
+            with bench_model.attn_impl(model, "bench_null_real"):
+                h_null = model.model(input_ids=ids).last_hidden_state
+            assert len(seen) == 4 and all(t is captured for t in seen)
+            assert torch.isfinite(h_null).all() and not torch.allclose(h_null, h_dense)
+            with bench_model.attn_impl(model, "bench_null_real"):
+                with pytest.raises(RuntimeError, match="no captured attention output"):
+                    model.model(input_ids=ids[:, :20])
+    finally:
+        store.clear()
+        bench_model.register_helpers()
