@@ -26,6 +26,7 @@
 #                                        # model12 knobs: SMOL_POLICIES, SMOL_LENGTHS, SMOL_T, SMOL_TAG (out stem)
 #   bash benchmarks/run_h200.sh bound15 / eightb15  # session 15: SmolLM2 32K/128K and the 8B shape
 #                                        # at 128K with null_real_ms and the Amdahl bound per policy
+#   bash benchmarks/run_h200.sh tiles15  # FA4 block-sparse per unit of work by query-block size
 set -uo pipefail
 phase=${1:-model}
 OUT=${OUT:-/tmp/out}
@@ -182,6 +183,9 @@ elif [ "$phase" = eightb15 ]; then
     graph=true check=false lengths=[131072] "policies=${EIGHTB_POLICIES:-[dense,topk:0.2]}" \
     reps=3 warmup=1 ppl=false parts=false out=$OUT/${EIGHTB_TAG:-llama8b_bound_s15} 2>&1 \
     | grep -v Warning | tail -8
+elif [ "$phase" = tiles15 ]; then  # FA4's tile by sparse query-block size, vs cuDNN per work
+  timeout ${TILES_T:-300} python3 benchmarks/bench_fa4_tiles.py out=$OUT/fa4_tiles_s15 ${TILES_ARGS:-} \
+    2>&1 | grep -v Warning | tail -30
 elif [ "$phase" = eightb7 ]; then
   timeout ${EIGHTB_T:-300} python3 benchmarks/bench_model.py model=random-llama8b compile=true \
     graph=true check=false lengths=[131072] "policies=[dense,topk:0.2]" reps=1 warmup=1 \
