@@ -56,7 +56,7 @@ def _variant_tile(
     HQ, G, SQ, NQB, NKB, NKB_P, D, PREFIX,
     HI_SEG0, HI_SEG1, HI_SEG_LEN, LO_SEG0, LO_SEG1, LO_SEG_LEN, tgt_hi, tgt_lo,
     N_SEGS: tl.constexpr, RULE: tl.constexpr, ALL_HI: tl.constexpr, ALL_LO: tl.constexpr,
-    FORCE_SINK: tl.constexpr, FORCE_DIAG: tl.constexpr, BS: tl.constexpr,
+    FORCE_SINK: tl.constexpr, FORCE_DIAG: tl.constexpr, BS: tl.constexpr, BSQ: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, KC: tl.constexpr,
     DOT_PREC: tl.constexpr, TUPLE_REDUCE: tl.constexpr, EVEN_K: tl.constexpr,
     VARIANT: tl.constexpr,
@@ -64,7 +64,7 @@ def _variant_tile(
     """The production tile body (``select._select_tile``) with stage ``VARIANT`` cut out."""
     R: tl.constexpr = BLOCK_G * BLOCK_Q
     r, qi, row_ok, bh, j, nvis, vis, part = _tile_rows(
-        b, qt, gt, kvh, HQ, G, SQ, NQB, NKB, PREFIX, BS, BLOCK_G, BLOCK_Q, BLOCK_N
+        b, qt, gt, kvh, HQ, G, SQ, NQB, NKB, PREFIX, BS, BSQ, BLOCK_G, BLOCK_Q, BLOCK_N
     )
     qrow_ptr = qbar_ptr + (bh.to(tl.int64) * NQB + qi) * D
     kT_ptr = kbarT_ptr + bkv.to(tl.int64) * D * NKB_P
@@ -90,7 +90,7 @@ def no_search_tile(
     HQ, G, SQ, NQB, NKB, NKB_P, D, PREFIX,
     HI_SEG0, HI_SEG1, HI_SEG_LEN, LO_SEG0, LO_SEG1, LO_SEG_LEN, tgt_hi, tgt_lo,
     N_SEGS: tl.constexpr, RULE: tl.constexpr, ALL_HI: tl.constexpr, ALL_LO: tl.constexpr,
-    FORCE_SINK: tl.constexpr, FORCE_DIAG: tl.constexpr, BS: tl.constexpr,
+    FORCE_SINK: tl.constexpr, FORCE_DIAG: tl.constexpr, BS: tl.constexpr, BSQ: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, KC: tl.constexpr,
     DOT_PREC: tl.constexpr, TUPLE_REDUCE: tl.constexpr, EVEN_K: tl.constexpr,
     ONE_BAND: tl.constexpr,  # ignored: the variants always score both bands
@@ -100,7 +100,7 @@ def no_search_tile(
         qbar_ptr, kbarT_ptr, kv_num_ptr, kv_idx_ptr, full_num_ptr, full_idx_ptr,
         b, bkv, qt, gt, kvh, scale_hi, scale_lo, HQ, G, SQ, NQB, NKB, NKB_P, D, PREFIX,
         HI_SEG0, HI_SEG1, HI_SEG_LEN, LO_SEG0, LO_SEG1, LO_SEG_LEN, tgt_hi, tgt_lo,
-        N_SEGS, RULE, ALL_HI, ALL_LO, FORCE_SINK, FORCE_DIAG, BS,
+        N_SEGS, RULE, ALL_HI, ALL_LO, FORCE_SINK, FORCE_DIAG, BS, BSQ,
         BLOCK_G, BLOCK_Q, BLOCK_N, KC, DOT_PREC, TUPLE_REDUCE, EVEN_K, 1,
     )
 
@@ -112,7 +112,7 @@ def counts_only_tile(
     HQ, G, SQ, NQB, NKB, NKB_P, D, PREFIX,
     HI_SEG0, HI_SEG1, HI_SEG_LEN, LO_SEG0, LO_SEG1, LO_SEG_LEN, tgt_hi, tgt_lo,
     N_SEGS: tl.constexpr, RULE: tl.constexpr, ALL_HI: tl.constexpr, ALL_LO: tl.constexpr,
-    FORCE_SINK: tl.constexpr, FORCE_DIAG: tl.constexpr, BS: tl.constexpr,
+    FORCE_SINK: tl.constexpr, FORCE_DIAG: tl.constexpr, BS: tl.constexpr, BSQ: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, KC: tl.constexpr,
     DOT_PREC: tl.constexpr, TUPLE_REDUCE: tl.constexpr, EVEN_K: tl.constexpr,
     ONE_BAND: tl.constexpr,  # ignored: the variants always score both bands
@@ -122,7 +122,7 @@ def counts_only_tile(
         qbar_ptr, kbarT_ptr, kv_num_ptr, kv_idx_ptr, full_num_ptr, full_idx_ptr,
         b, bkv, qt, gt, kvh, scale_hi, scale_lo, HQ, G, SQ, NQB, NKB, NKB_P, D, PREFIX,
         HI_SEG0, HI_SEG1, HI_SEG_LEN, LO_SEG0, LO_SEG1, LO_SEG_LEN, tgt_hi, tgt_lo,
-        N_SEGS, RULE, ALL_HI, ALL_LO, FORCE_SINK, FORCE_DIAG, BS,
+        N_SEGS, RULE, ALL_HI, ALL_LO, FORCE_SINK, FORCE_DIAG, BS, BSQ,
         BLOCK_G, BLOCK_Q, BLOCK_N, KC, DOT_PREC, TUPLE_REDUCE, EVEN_K, 2,
     )
 
@@ -134,7 +134,7 @@ def logits_only_tile(
     HQ, G, SQ, NQB, NKB, NKB_P, D, PREFIX,
     HI_SEG0, HI_SEG1, HI_SEG_LEN, LO_SEG0, LO_SEG1, LO_SEG_LEN, tgt_hi, tgt_lo,
     N_SEGS: tl.constexpr, RULE: tl.constexpr, ALL_HI: tl.constexpr, ALL_LO: tl.constexpr,
-    FORCE_SINK: tl.constexpr, FORCE_DIAG: tl.constexpr, BS: tl.constexpr,
+    FORCE_SINK: tl.constexpr, FORCE_DIAG: tl.constexpr, BS: tl.constexpr, BSQ: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, KC: tl.constexpr,
     DOT_PREC: tl.constexpr, TUPLE_REDUCE: tl.constexpr, EVEN_K: tl.constexpr,
     ONE_BAND: tl.constexpr,  # ignored: the variants always score both bands
@@ -144,7 +144,7 @@ def logits_only_tile(
         qbar_ptr, kbarT_ptr, kv_num_ptr, kv_idx_ptr, full_num_ptr, full_idx_ptr,
         b, bkv, qt, gt, kvh, scale_hi, scale_lo, HQ, G, SQ, NQB, NKB, NKB_P, D, PREFIX,
         HI_SEG0, HI_SEG1, HI_SEG_LEN, LO_SEG0, LO_SEG1, LO_SEG_LEN, tgt_hi, tgt_lo,
-        N_SEGS, RULE, ALL_HI, ALL_LO, FORCE_SINK, FORCE_DIAG, BS,
+        N_SEGS, RULE, ALL_HI, ALL_LO, FORCE_SINK, FORCE_DIAG, BS, BSQ,
         BLOCK_G, BLOCK_Q, BLOCK_N, KC, DOT_PREC, TUPLE_REDUCE, EVEN_K, 3,
     )
 # fmt: on

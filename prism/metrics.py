@@ -10,7 +10,7 @@ from .masks import BlockSelection
 def block_attention_mass(
     q: torch.Tensor,
     k: torch.Tensor,
-    block_size: int = 128,
+    block_size: int | tuple[int, int] = 128,
     scale: float | None = None,
     chunk: int = 512,
 ) -> torch.Tensor:
@@ -18,20 +18,23 @@ def block_attention_mass(
 
     q [B, Hq, Sq, D], k [B, Hkv, Sk, D] (Sk >= Sq, cached prefix P = Sk - Sq) -> float32
     [B, Hq, NQB, NKB] where entry (i, j) is the sum over the queries of block i of the attention
-    probability they put on the keys of block j (each query's row sums to 1). Memory is
-    O(B · Hq · chunk · Sk) per step.
+    probability they put on the keys of block j (each query's row sums to 1). ``block_size``: BS
+    or ``(BSQ, BSK)``. Memory is O(B · Hq · chunk · Sk) per step.
     """
+    from .masks.geometry import block_dims
+
+    bq, bk = block_dims(block_size)
     b, hq, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
     g = hq // hkv
     scale = d**-0.5 if scale is None else scale
-    nqb, nkb = -(-sq // block_size), -(-sk // block_size)
+    nqb, nkb = -(-sq // bq), -(-sk // bk)
     prefix = sk - sq
     out = torch.zeros(b, hq, nqb, nkb, dtype=torch.float32, device=q.device)
     kf = k.float()
     kv_pos = torch.arange(sk, device=q.device)
-    pad = nkb * block_size - sk
-    chunk = max(block_size, (chunk // block_size) * block_size)
+    pad = nkb * bk - sk
+    chunk = max(bq, (chunk // bq) * bq)
     for start in range(0, sq, chunk):
         stop = min(start + chunk, sq)
         qc = q[:, :, start:stop].float().view(b, hkv, g, stop - start, d)
@@ -39,8 +42,8 @@ def block_attention_mass(
         q_pos = torch.arange(start, stop, device=q.device)
         s = s.masked_fill((q_pos[:, None] + prefix) < kv_pos[None, :], float("-inf"))
         p = s.softmax(dim=-1)
-        p = torch.nn.functional.pad(p, (0, pad)).view(b, hq, stop - start, nkb, block_size).sum(-1)
-        q_blk = q_pos // block_size
+        p = torch.nn.functional.pad(p, (0, pad)).view(b, hq, stop - start, nkb, bk).sum(-1)
+        q_blk = q_pos // bq
         out.index_add_(2, q_blk, p)
     return out
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .kernels import get_backend
+from .masks.geometry import block_dims
 from .scorers import Scorer, build_scorer
 
 if TYPE_CHECKING:
@@ -185,7 +186,7 @@ class PrismPolicy:
                 )
             cfg = dict(self.base_config)
             if "scorer" in bucket and bucket["scorer"] != cfg.get("scorer"):
-                cfg = {"block_size": cfg.get("block_size", self.block_size)}
+                cfg = self._grid_keys(cfg)
             # inherited: the policy's per-layer overrides (the bucket's own entries win) and its
             # dense layers (unless the bucket names its own)
             cfg["layers"] = {**self.layers_spec, **dict(bucket.pop("layers", None) or {})}
@@ -200,17 +201,30 @@ class PrismPolicy:
             out[int(key)] = sub
         return out
 
+    def _grid_keys(self, base: Mapping[str, Any]) -> dict[str, Any]:
+        """The block-grid keys another scorer inherits from the policy's (``block_size`` and,
+        where set, ``q_block_size``): one grid for every layer and length."""
+        out = {"block_size": base.get("block_size", self.kv_block_size)}
+        if base.get("q_block_size"):
+            out["q_block_size"] = base["q_block_size"]
+        return out
+
+    @property
+    def kv_block_size(self) -> int:
+        """BSK: the KV block (``block_size`` is BS or, with ``q_block_size``, ``(BSQ, BSK)``)."""
+        return block_dims(self.block_size)[1]
+
     @property
     def min_len(self) -> int:
         """The explicit ``min_len``, or the CPU default (two blocks) when none was given."""
-        return 2 * self.block_size if self._min_len is None else self._min_len
+        return 2 * self.kv_block_size if self._min_len is None else self._min_len
 
     def min_len_for(self, device: torch.device) -> int:
         """Keys below this many tokens run dense on ``device`` (see ``min_len``)."""
         if self._min_len is not None:
             return self._min_len
         if device.type != "cuda":
-            return 2 * self.block_size
+            return 2 * self.kv_block_size
         from .graphs import plain_prefill_assumed
 
         return CUDA_GRAPH_MIN_LEN if plain_prefill_assumed() else CUDA_MIN_LEN
@@ -227,7 +241,7 @@ class PrismPolicy:
                 "not as a built Scorer"
             )
         if "scorer" in spec and spec["scorer"] != self.base_config.get("scorer"):
-            cfg = {"block_size": self.base_config.get("block_size", self.block_size)}
+            cfg = self._grid_keys(self.base_config)
         else:
             cfg = dict(self.base_config)
         cfg.update(spec)

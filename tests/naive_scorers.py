@@ -2,13 +2,18 @@
 
 Deliberately written without any of prism's helpers. Ties in a descending order are broken by
 position (Python's sort is stable: lower KV block index first), the documented rule of
-``prism.masks.select``."""
+``prism.masks.select``. ``bs`` is the block size, or the pair ``(BSQ, BSK)`` of a rectangular
+grid (query blocks of BSQ rows, KV blocks of BSK columns)."""
 
 from __future__ import annotations
 
 import math
 
 import torch
+
+
+def _qk(bs) -> tuple[int, int]:
+    return (bs[0], bs[1]) if isinstance(bs, (tuple, list)) else (bs, bs)
 
 
 def _pool(x: torch.Tensor, bs: int) -> torch.Tensor:
@@ -34,14 +39,16 @@ def _rms(x: torch.Tensor) -> float:
     return max(math.sqrt(float((x * x).mean())), 1e-6)
 
 
-def _visible(i: int, sq: int, sk: int, bs: int) -> list[int]:
+def _visible(i: int, sq: int, sk: int, bs) -> list[int]:
+    bq, bk = _qk(bs)
     p = sk - sq
-    last = p + min((i + 1) * bs, sq) - 1
-    return [j for j in range(math.ceil(sk / bs)) if j * bs <= last]
+    last = p + min((i + 1) * bq, sq) - 1
+    return [j for j in range(math.ceil(sk / bk)) if j * bk <= last]
 
 
-def _is_partial(i: int, j: int, sq: int, sk: int, bs: int) -> bool:
-    return j * bs + bs - 1 > (sk - sq) + i * bs
+def _is_partial(i: int, j: int, sq: int, sk: int, bs) -> bool:
+    bq, bk = _qk(bs)
+    return j * bk + bk - 1 > (sk - sq) + i * bq
 
 
 def _top_p_row(logits: list[float], p: float) -> list[int]:
@@ -74,7 +81,7 @@ def naive_meanpool(q, k, bs=128, p=0.95, force_sink=True, force_diagonal=True):
     b, hq, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
     g = hq // hkv
-    qp, kp = _pool(q, bs), _pool(k, bs)
+    qp, kp = _pool(q, _qk(bs)[0]), _pool(k, _qk(bs)[1])
     nqb, nkb = qp.shape[2], kp.shape[2]
     mask = torch.zeros(b, hq, nqb, nkb, dtype=torch.bool)
     for bb in range(b):
@@ -132,7 +139,7 @@ def naive_prism(
     g = hq // hkv
     high_dims = d // 2 if high_dims is None else high_dims
     low_dims = 3 * d // 4 if low_dims is None else low_dims
-    qp, kp = _pool(q, bs), _pool(k, bs)
+    qp, kp = _pool(q, _qk(bs)[0]), _pool(k, _qk(bs)[1])
     nqb, nkb = qp.shape[2], kp.shape[2]
     mask = torch.zeros(b, hq, nqb, nkb, dtype=torch.bool)
     bands = [("high", high_dims, p_high), ("low", low_dims, p_low)]
@@ -158,7 +165,7 @@ def naive_prism(
 
 
 def naive_visible(sq, sk, bs):
-    nqb, nkb = math.ceil(sq / bs), math.ceil(sk / bs)
+    nqb, nkb = math.ceil(sq / _qk(bs)[0]), math.ceil(sk / _qk(bs)[1])
     vis = torch.zeros(nqb, nkb, dtype=torch.bool)
     part = torch.zeros(nqb, nkb, dtype=torch.bool)
     for i in range(nqb):

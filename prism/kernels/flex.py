@@ -97,6 +97,12 @@ def _kernel_options(q: torch.Tensor, block_mask: BlockMask, impl: str) -> dict |
         )
     if use_flash:
         opts["BACKEND"] = "FLASH"
+    elif q.is_cuda and "BLOCK_M" not in opts and bs_q % 128:
+        # a rectangular grid's query block (e.g. 192 rows): FlexAttention's Triton kernel needs a
+        # query tile dividing it (FA4 picks its own tile from the block sizes)
+        import math
+
+        opts.update(BLOCK_M=math.gcd(bs_q, 128), BLOCK_N=min(bs_k, 128))
     return opts or None
 
 

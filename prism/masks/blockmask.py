@@ -96,7 +96,7 @@ def lists_to_bool(num: torch.Tensor, idx: torch.Tensor, nkb: int) -> torch.Tenso
 
 
 def selection_to_lists(
-    mask: torch.Tensor, sq: int, sk: int, block_size: int
+    mask: torch.Tensor, sq: int, sk: int, block_size: int | tuple[int, int]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Split a block selection ``mask`` bool [B, H, NQB, NKB] into the four BlockMask lists
     ``(kv_num, kv_idx, full_num, full_idx)``, int32 [B, H, NQB] / [B, H, NQB, NKB]: the selected
@@ -109,7 +109,7 @@ def selection_to_lists(
     return kv_num, kv_idx, full_num, full_idx
 
 
-def selection_to_block_mask(mask: torch.Tensor, sq: int, sk: int, block_size: int) -> BlockMask:
+def selection_to_block_mask(mask: torch.Tensor, sq: int, sk: int, block_size) -> BlockMask:
     """Build a FlexAttention BlockMask from a block selection ``mask`` bool [B, H, NQB, NKB].
 
     Selected blocks cut by the causal frontier become *partial* blocks (with the causal

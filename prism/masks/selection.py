@@ -7,14 +7,10 @@ from typing import Any
 import torch
 
 from .blockmask import lists_to_block_mask, lists_to_bool, selection_to_lists
-from .geometry import block_causal
+from .geometry import block_causal, grid_shape
 
 #: ``(kv_num, kv_idx, full_num, full_idx)``: int32 [B, Hq, NQB] / [B, Hq, NQB, W]
 BlockLists = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
-
-
-def _ceil_div(n, d):
-    return (n + d - 1) // d
 
 
 class BlockSelection:
@@ -40,7 +36,8 @@ class BlockSelection:
     from it afterwards, but not by ``lists`` / ``block_mask()`` already built.
 
     Attributes:
-        q_len: Sq.  kv_len: Sk (>= Sq; P = Sk - Sq is the cached prefix).  block_size: BS.
+        q_len: Sq.  kv_len: Sk (>= Sq; P = Sk - Sq is the cached prefix).  block_size: BS, or
+        the pair ``(BSQ, BSK)`` of a rectangular grid (``prism.masks.geometry``).
         info: optional per-scorer diagnostics (e.g. FlexPrefill's per-head pattern choice).
     """
 
@@ -49,7 +46,7 @@ class BlockSelection:
         mask: torch.Tensor,
         q_len: int,
         kv_len: int,
-        block_size: int,
+        block_size: int | tuple[int, int],
         info: dict[str, Any] | None = None,
     ) -> None:
         if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.dim() != 4:
@@ -63,7 +60,7 @@ class BlockSelection:
         lists: BlockLists,
         q_len: int,
         kv_len: int,
-        block_size: int,
+        block_size: int | tuple[int, int],
         info: dict[str, Any] | None = None,
     ) -> BlockSelection:
         """A selection stored as the four BlockMask block lists (see the class docstring)."""
@@ -102,7 +99,7 @@ class BlockSelection:
         self.info: dict[str, Any] = dict(info or {})
 
     def _check_grid(self, nqb: int, nkb: int | None, what: str) -> None:
-        want = (_ceil_div(self.q_len, self.block_size), self.num_kv_blocks)
+        want = grid_shape(self.q_len, self.kv_len, self.block_size)
         got = (nqb, want[1] if nkb is None else nkb)
         if got != want:
             raise ValueError(
@@ -150,7 +147,7 @@ class BlockSelection:
     @property
     def num_kv_blocks(self) -> int:
         """NKB = ceil(Sk / BS)."""
-        return _ceil_div(self.kv_len, self.block_size)
+        return grid_shape(self.q_len, self.kv_len, self.block_size)[1]
 
     # -- geometry -----------------------------------------------------------------------------
     def causal(self) -> tuple[torch.Tensor, torch.Tensor]:

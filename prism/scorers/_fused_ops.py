@@ -89,9 +89,10 @@ def _probe_params(key: str) -> tuple[ProbeKernelParams, int, str]:
     return ProbeKernelParams(**doc["kernel"]), doc["probes"], doc["placement"]
 
 
-def _fake_lists(q: Tensor, k: Tensor, block_size: int):
+def _fake_lists(q: Tensor, k: Tensor, block_size: int, q_block_size: int = 0):
     b, hq, sq = q.shape[0], q.shape[1], q.shape[2]
-    nqb = (sq + block_size - 1) // block_size
+    bq = q_block_size or block_size
+    nqb = (sq + bq - 1) // bq
     nkb = (k.shape[2] + block_size - 1) // block_size
     num = q.new_empty((b, hq, nqb), dtype=torch.int32)
     idx = q.new_empty((b, hq, nqb, nkb), dtype=torch.int32)
@@ -108,7 +109,8 @@ def prism_select_lists_op(
 
 @prism_select_lists_op.register_fake
 def _(q, k, config):
-    return _fake_lists(q, k, int(json.loads(config)["block_size"]))
+    doc = json.loads(config)
+    return _fake_lists(q, k, int(doc["block_size"]), int(doc.get("q_block_size", 0)))
 
 
 @torch.library.custom_op("prism::probe_select_lists", mutates_args=())

@@ -22,7 +22,10 @@ IMPLS = ("auto", "torch", "triton")
 
 class FusedPooledScorer(Scorer):
     """Routing between the fused Triton estimator and the PyTorch path (``config.impl``);
-    ``last_path`` records which one the last eager call ran (``"triton"`` or ``"torch"``)."""
+    ``last_path`` records which one the last eager call ran (``"triton"`` or ``"torch"``).
+    Both paths support rectangular blocks (``q_block_size``)."""
+
+    rect_blocks = True
 
     last_path: str | None = None
 
@@ -58,7 +61,7 @@ class FusedPooledScorer(Scorer):
             lists = torch.ops.prism.prism_select_lists(q, k, self.op_key)
         else:
             lists = prism_select_block_lists(q, k, params or self.kernel_params(q.shape[-1]))
-        return BlockSelection.from_lists(lists, q.shape[2], k.shape[2], self.config.block_size)
+        return BlockSelection.from_lists(lists, q.shape[2], k.shape[2], self.block_size)
 
     def _route(self, q: torch.Tensor, k: torch.Tensor) -> tuple[str, PrismKernelParams | None]:
         impl = self.config.impl

@@ -15,7 +15,15 @@ from typing import Any, ClassVar
 import torch
 
 from .._checks import check_qk, check_threshold
-from ..masks import RULES, BlockSelection, apply_rule, block_causal, check_block_size
+from ..masks import (
+    RULES,
+    BlockSelection,
+    apply_rule,
+    block_causal,
+    check_block_size,
+    check_q_block_size,
+    grid_block_size,
+)
 
 SCORERS: dict[str, type[Scorer]] = {}
 
@@ -25,6 +33,10 @@ class ScorerConfig:
     """Knobs every scorer accepts.
 
     block_size: BS, the attention block (default 128).
+    q_block_size: BSQ, the query rows of a block where they differ from ``block_size`` (0 = the
+        same: square blocks). 192 makes FlashAttention-4 on Hopper run its 192 x 128 tile for
+        head dims <= 64 (a 128-row block forces its 128 x 128 one); scorers that support it set
+        ``rect_blocks`` (``prism``, ``meanpool``), the others reject it.
     threshold: the scorer's coverage target (top-p mass for prism / meanpool), in (0, 1].
         1.0 selects every causal block (output == dense causal attention).
     force_sink: always keep KV block 0.  force_diagonal: always keep the partial (diagonal) blocks.
@@ -34,9 +46,11 @@ class ScorerConfig:
     threshold: float = 0.95
     force_sink: bool = True
     force_diagonal: bool = True
+    q_block_size: int = 0
 
     def __post_init__(self) -> None:
         check_block_size(self.block_size)
+        check_q_block_size(self.q_block_size)
         check_threshold("threshold", self.threshold)
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -87,6 +101,8 @@ class Scorer:
     Config: ClassVar[type[ScorerConfig]] = ScorerConfig
     #: set on a deprecated alias (e.g. ``prism_fused``): the name of the scorer it stands for
     alias_of: ClassVar[str | None] = None
+    #: whether the scorer supports ``q_block_size != block_size`` (rectangular blocks)
+    rect_blocks: ClassVar[bool] = False
 
     def __init__(self, config: ScorerConfig | None = None, **params: Any) -> None:
         if config is not None and params:
@@ -95,12 +111,21 @@ class Scorer:
             config = make_config(self.Config, params, self.name or type(self).__name__)
         elif not isinstance(config, self.Config):
             raise TypeError(f"{self.name} expects a {self.Config.__name__}, got {type(config)}")
+        qbs = config.q_block_size
+        if qbs not in (0, config.block_size) and not self.rect_blocks:
+            valid = sorted(n for n, cls in SCORERS.items() if cls.rect_blocks)
+            raise ValueError(
+                f"scorer {self.name!r} does not support q_block_size={qbs} != block_size="
+                f"{config.block_size} (rectangular blocks); scorers that do: {valid}"
+            )
         object.__setattr__(config, "_frozen", True)  # see ScorerConfig.__setattr__
         self.config = config
 
     @property
-    def block_size(self) -> int:
-        return self.config.block_size
+    def block_size(self) -> int | tuple[int, int]:
+        """The block grid: BS, or ``(BSQ, BSK)`` where ``q_block_size`` differs from it."""
+        c = self.config
+        return grid_block_size(c.q_block_size or c.block_size, c.block_size)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor) -> BlockSelection:
         check_qk(q, k)
@@ -119,7 +144,7 @@ class Scorer:
         study sweeping the rule over estimates computed once)."""
         c = self.config
         sq, sk = q.shape[2], k.shape[2]
-        visible, _ = block_causal(sq, sk, c.block_size, q.device)
+        visible, _ = block_causal(sq, sk, self.block_size, q.device)
         if c.rule == "top_p" and c.threshold >= 1.0:
             keep = visible.expand(q.shape[0], q.shape[1], *visible.shape)
             return self.finalize(keep, sq, sk)

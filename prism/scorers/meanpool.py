@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ..kernels.estimation.op import PrismKernelParams
-from ..masks import BlockSelection, apply_rule, block_causal, masked_softmax
+from ..masks import BlockSelection, apply_rule, block_causal, block_dims, masked_softmax
 from ._fused_pooled import IMPLS, FusedPooledScorer
 from ._pooling import gqa_scores, inv_sqrt, pool_blocks
 from .base import ProbScorerConfig, register_scorer
@@ -38,9 +38,9 @@ class MeanPoolScorer(FusedPooledScorer):
 
     def block_probs(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """float32 [B, Hq, NQB, NKB] block-causal row probabilities."""
-        bs = self.block_size
-        visible, _ = block_causal(q.shape[2], k.shape[2], bs, q.device)
-        logits = gqa_scores(pool_blocks(q, bs), pool_blocks(k, bs)) * inv_sqrt(q.shape[-1])
+        bq, bk = block_dims(self.block_size)
+        visible, _ = block_causal(q.shape[2], k.shape[2], self.block_size, q.device)
+        logits = gqa_scores(pool_blocks(q, bq), pool_blocks(k, bk)) * inv_sqrt(q.shape[-1])
         return masked_softmax(logits, visible)
 
     def kernel_params(self, d: int) -> PrismKernelParams:
@@ -53,6 +53,7 @@ class MeanPoolScorer(FusedPooledScorer):
         def make() -> PrismKernelParams:
             return PrismKernelParams(
                 block_size=c.block_size,
+                q_block_size=c.q_block_size or c.block_size,
                 high_dims=d,
                 low_dims=d,
                 threshold_high=c.threshold,
@@ -71,7 +72,7 @@ class MeanPoolScorer(FusedPooledScorer):
         """The plain PyTorch path (the definition the fused kernel is tested against)."""
         c = self.config
         sq, sk = q.shape[2], k.shape[2]
-        visible, _ = block_causal(sq, sk, c.block_size, q.device)
+        visible, _ = block_causal(sq, sk, self.block_size, q.device)
         probs = self.block_probs(q, k)
         keep = apply_rule(probs, visible, c.rule, c.threshold, c.top_k, c.min_prob)
         return self.finalize(keep, sq, sk)

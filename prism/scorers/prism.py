@@ -17,7 +17,7 @@ import torch
 
 from .._checks import check_threshold
 from ..kernels.estimation.op import PrismKernelParams
-from ..masks import BlockSelection, apply_rule, block_causal, masked_softmax
+from ..masks import BlockSelection, apply_rule, block_causal, block_dims, masked_softmax
 from ._fused_pooled import IMPLS, FusedPooledScorer
 from .base import ProbScorerConfig, register_scorer
 from .pooling import gqa_scores, pool_blocks
@@ -130,6 +130,7 @@ class PrismScorer(FusedPooledScorer):
             (w_hi, w_lo), (p_hi, p_lo) = self.band_widths(d), self.band_thresholds()
             return PrismKernelParams(
                 block_size=c.block_size,
+                q_block_size=c.q_block_size or c.block_size,
                 high_dims=w_hi,
                 low_dims=w_lo,
                 threshold_high=p_hi,
@@ -151,10 +152,11 @@ class PrismScorer(FusedPooledScorer):
 
         A generator, so that only one band's probabilities live at a time."""
         c = self.config
-        bs, d = c.block_size, q.shape[-1]
+        d = q.shape[-1]
+        bq, bk = block_dims(self.block_size)
         hq, hkv = q.shape[1], k.shape[1]
-        visible, _ = block_causal(q.shape[2], k.shape[2], bs, q.device)
-        qp, kp = pool_blocks(q, bs), pool_blocks(k, bs)
+        visible, _ = block_causal(q.shape[2], k.shape[2], self.block_size, q.device)
+        qp, kp = pool_blocks(q, bq), pool_blocks(k, bk)
         if c.calibrate:
             rq, rk = _rms(qp), _rms(kp)  # [B, Hq], [B, Hkv]
         for band, width in zip(("high", "low"), self.band_widths(d)):
@@ -171,7 +173,7 @@ class PrismScorer(FusedPooledScorer):
         """The plain PyTorch path (the definition the fused kernel is tested against)."""
         c = self.config
         sq, sk = q.shape[2], k.shape[2]
-        visible, _ = block_causal(sq, sk, c.block_size, q.device)
+        visible, _ = block_causal(sq, sk, self.block_size, q.device)
         keep = None
         for probs, p in zip(self.band_probs(q, k), self.band_thresholds()):
             sel = apply_rule(probs, visible, c.rule, p, c.top_k, c.min_prob)

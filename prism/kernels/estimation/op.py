@@ -43,7 +43,8 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 class PrismKernelParams:
     """The Prism knobs as the kernel needs them: every default already resolved.
 
-    block_size: BS.  high_dims / low_dims: band widths in dims (even, <= D).
+    block_size: BS (the KV block; also the query block unless ``q_block_size`` is set).
+    q_block_size: BSQ, the query rows of a block (0 = ``block_size``).  high_dims / low_dims: band widths in dims (even, <= D).
     threshold_high / threshold_low: per-band target of ``rule`` (top-p mass; ``>= 1`` keeps every
     visible block of that band).  rule: ``top_p`` | ``top_k`` | ``min_prob``, with ``top_k`` /
     ``min_prob`` its parameter.  calibrate: energy calibration (per (b, h) band temperature).
@@ -63,6 +64,7 @@ class PrismKernelParams:
     rope_layout: str = "half"
     force_sink: bool = True
     force_diagonal: bool = True
+    q_block_size: int = 0
 
     def __post_init__(self) -> None:
         for name in ("high_dims", "low_dims"):
@@ -77,6 +79,8 @@ class PrismKernelParams:
             )
         if int(self.block_size) < 1:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        if int(self.q_block_size) < 0:
+            raise ValueError(f"q_block_size must be >= 0, got {self.q_block_size}")
 
 
 def _next_pow2(n: int) -> int:
@@ -181,9 +185,10 @@ class Plan:
         self.b, self.hq, self.sq, self.d, self.hkv, self.sk = b, hq, sq, d, hkv, sk
         self.params = params
         self.device_type = q.device.type
-        self.bs = int(params.block_size)
+        self.bs = int(params.block_size)  # BSK
+        self.bq = int(params.q_block_size) or self.bs  # BSQ
         self.g = hq // hkv
-        self.nqb, self.nkb = math.ceil(sq / self.bs), math.ceil(sk / self.bs)
+        self.nqb, self.nkb = math.ceil(sq / self.bq), math.ceil(sk / self.bs)
         self.nkb_p = max(16, _next_pow2(self.nkb))  # = BLOCK_N of the select kernel
         self.half = d // 2
         self.w_hi, self.w_lo = int(params.high_dims), int(params.low_dims)

@@ -1,6 +1,7 @@
 """Fused Prism estimator, launch 1: block means and the calibration statistics (Triton).
 
-``_pool_kernel`` — one program per block of Q *and* of K (one grid for both): the fp32 block mean
+``_pool_kernel`` — one program per block of Q (BSQ rows) *and* of K (BSK rows; one grid for
+both): the fp32 block mean
 (zero padding of the last block included, as ``prism.scorers.pooling.pool_blocks``), written as
 ``qbar [B, Hq, NQB, D]`` and transposed ``kbarT [B, Hkv, D, NKB_P]`` (rows padded to a power of
 two for the select kernel's unmasked loads), plus three per-block sums of squares of the mean (all
@@ -8,6 +9,8 @@ dims, high band, low band) from which :mod:`.select` derives the energy-calibrat
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import triton
@@ -103,7 +106,8 @@ def _pool_kernel(
     LO_PAIR0,
     N_QPROG,
     INTERLEAVED: tl.constexpr,
-    BS: tl.constexpr,
+    BSQ: tl.constexpr,
+    BSK: tl.constexpr,
     D_P: tl.constexpr,
     ROWS: tl.constexpr,
 ):
@@ -133,7 +137,7 @@ def _pool_kernel(
             HI_PAIRS,
             LO_PAIR0,
             INTERLEAVED,
-            BS,
+            BSQ,
             D_P,
             ROWS,
         )
@@ -163,7 +167,7 @@ def _pool_kernel(
             HI_PAIRS,
             LO_PAIR0,
             INTERLEAVED,
-            BS,
+            BSK,
             D_P,
             ROWS,
         )
@@ -189,7 +193,11 @@ def pool_blocks_fused(
     qst = torch.empty(pl.b, pl.hq, 3, pl.nqb, device=dev, dtype=torch.float32)
     kst = torch.empty(pl.b, pl.hkv, 3, pl.nkb, device=dev, dtype=torch.float32)
     d_p = max(16, _next_pow2(pl.d))
-    rows = max(1, min(pl.bs, rows or 8192 // d_p))
+    # a load of ROWS tokens must not cross a block of either grid: ROWS divides BSQ and BSK
+    common = math.gcd(pl.bq, pl.bs)
+    rows = max(1, min(common, rows or 8192 // d_p))
+    while common % rows:
+        rows //= 2
     n_qprog = pl.b * pl.hq * pl.nqb
     _pool_kernel[(n_qprog + pl.b * pl.hkv * pl.nkb,)](
         q,
@@ -213,7 +221,8 @@ def pool_blocks_fused(
         pl.half - pl.w_lo // 2,
         n_qprog,
         INTERLEAVED=pl.interleaved,
-        BS=pl.bs,
+        BSQ=pl.bq,
+        BSK=pl.bs,
         D_P=d_p,
         ROWS=rows,
         num_warps=num_warps,

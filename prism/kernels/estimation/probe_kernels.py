@@ -426,7 +426,7 @@ def _probe_tile(
     alpha·pooled`` (``pool_ptr``: float32 [B, Hq, NQB, NKB], read on the visible blocks only)."""
     R: tl.constexpr = BLOCK_G * BLOCK_Q
     r, qi, row_ok, bh, j, nvis, vis, part = _tile_rows(
-        b, qt, gt, kvh, HQ, G, SQ, NQB, NKB, PREFIX, BS, BLOCK_G, BLOCK_Q, BLOCK_N
+        b, qt, gt, kvh, HQ, G, SQ, NQB, NKB, PREFIX, BS, BS, BLOCK_G, BLOCK_Q, BLOCK_N
     )
     qi_c = tl.where(row_ok, qi, 0)
     bh_c = tl.where(row_ok, bh, 0)
@@ -503,7 +503,7 @@ def _probe_select_kernel(
     qt, gt, _, b, kvh = _program_tile(n_q_tiles, n_g_tiles, HKV)
     # causal tiers (as in the Prism select kernel): a tile whose rows see at most a quarter
     # (half) of BLOCK_N KV blocks runs the body compiled for that narrower register row
-    tile_nvis = _tile_nvis(qt, NQB, NKB, SQ, PREFIX, BS, BLOCK_Q)
+    tile_nvis = _tile_nvis(qt, NQB, NKB, SQ, PREFIX, BS, BS, BLOCK_Q)
     N4: tl.constexpr = BLOCK_N // 4
     N2: tl.constexpr = BLOCK_N // 2
     if TIERS and N4 >= 16:

@@ -159,6 +159,7 @@ def _tile_rows(
     NKB,
     PREFIX,
     BS: tl.constexpr,
+    BSQ: tl.constexpr,
     BLOCK_G: tl.constexpr,
     BLOCK_Q: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -176,10 +177,10 @@ def _tile_rows(
     row_ok = (g < G) & (qi < NQB)
     bh = b * HQ + kvh * G + g
     j = tl.arange(0, BLOCK_N)
-    last_q = PREFIX + tl.minimum((qi + 1) * BS, SQ) - 1  # absolute position of the last query
+    last_q = PREFIX + tl.minimum((qi + 1) * BSQ, SQ) - 1  # absolute position of the last query
     nvis = tl.where(row_ok, tl.minimum(last_q // BS + 1, NKB), 0)
     vis = j[None, :] < nvis[:, None]
-    part = vis & ((j[None, :] * BS + BS - 1) > (PREFIX + qi * BS)[:, None])
+    part = vis & ((j[None, :] * BS + BS - 1) > (PREFIX + qi * BSQ)[:, None])
     return r, qi, row_ok, bh, j, nvis, vis, part
 
 
@@ -197,10 +198,12 @@ def _program_tile(n_q_tiles, n_g_tiles, HKV):
 
 
 @triton.jit
-def _tile_nvis(qt, NQB, NKB, SQ, PREFIX, BS: tl.constexpr, BLOCK_Q: tl.constexpr):
+def _tile_nvis(
+    qt, NQB, NKB, SQ, PREFIX, BS: tl.constexpr, BSQ: tl.constexpr, BLOCK_Q: tl.constexpr
+):
     """KV blocks visible to the last query row of query tile ``qt`` (decides the causal tier)."""
     qi_last = tl.minimum(qt * BLOCK_Q + BLOCK_Q - 1, NQB - 1)
-    return tl.minimum((PREFIX + tl.minimum((qi_last + 1) * BS, SQ) - 1) // BS + 1, NKB)
+    return tl.minimum((PREFIX + tl.minimum((qi_last + 1) * BSQ, SQ) - 1) // BS + 1, NKB)
 
 
 @triton.jit
@@ -460,6 +463,7 @@ def _select_tile(
     FORCE_SINK: tl.constexpr,
     FORCE_DIAG: tl.constexpr,
     BS: tl.constexpr,
+    BSQ: tl.constexpr,
     BLOCK_G: tl.constexpr,
     BLOCK_Q: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -475,7 +479,7 @@ def _select_tile(
     Per band logits -> softmax -> kept set; union; forced blocks; causal clip; both lists."""
     R: tl.constexpr = BLOCK_G * BLOCK_Q
     r, qi, row_ok, bh, j, nvis, vis, part = _tile_rows(
-        b, qt, gt, kvh, HQ, G, SQ, NQB, NKB, PREFIX, BS, BLOCK_G, BLOCK_Q, BLOCK_N
+        b, qt, gt, kvh, HQ, G, SQ, NQB, NKB, PREFIX, BS, BSQ, BLOCK_G, BLOCK_Q, BLOCK_N
     )
     qrow_ptr = qbar_ptr + (bh.to(tl.int64) * NQB + qi) * D
     kT_ptr = kbarT_ptr + bkv.to(tl.int64) * D * NKB_P
@@ -543,6 +547,7 @@ def _select_kernel(
     FORCE_SINK: tl.constexpr,
     FORCE_DIAG: tl.constexpr,
     BS: tl.constexpr,
+    BSQ: tl.constexpr,
     BLOCK_G: tl.constexpr,
     BLOCK_Q: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -590,7 +595,7 @@ def _select_kernel(
         scale_lo = tl.zeros([R], dtype=tl.float32) + scale_lo0
 
     # ---- causal tiers: a tile whose rows see few KV blocks runs with a narrower register row ----
-    tile_nvis = _tile_nvis(qt, NQB, NKB, SQ, PREFIX, BS, BLOCK_Q)
+    tile_nvis = _tile_nvis(qt, NQB, NKB, SQ, PREFIX, BS, BSQ, BLOCK_Q)
     N4: tl.constexpr = BLOCK_N // 4
     N2: tl.constexpr = BLOCK_N // 2
     if TIERS >= 3 and N4 >= 16:
@@ -601,7 +606,7 @@ def _select_kernel(
                 HQ, G, SQ, NQB, NKB, NKB_P, D, PREFIX,
                 HI_SEG0, HI_SEG1, HI_SEG_LEN, LO_SEG0, LO_SEG1, LO_SEG_LEN, tgt_hi, tgt_lo,
                 N_SEGS, RULE, ALL_HI, ALL_LO, FORCE_SINK, FORCE_DIAG,
-                BS, BLOCK_G, BLOCK_Q, N4, KC, DOT_PREC, TUPLE_REDUCE, EVEN_K, ONE_BAND, QUAD,
+                BS, BSQ, BLOCK_G, BLOCK_Q, N4, KC, DOT_PREC, TUPLE_REDUCE, EVEN_K, ONE_BAND, QUAD,
             )  # fmt: skip
         elif tile_nvis <= N2:
             TILE(
@@ -610,7 +615,7 @@ def _select_kernel(
                 HQ, G, SQ, NQB, NKB, NKB_P, D, PREFIX,
                 HI_SEG0, HI_SEG1, HI_SEG_LEN, LO_SEG0, LO_SEG1, LO_SEG_LEN, tgt_hi, tgt_lo,
                 N_SEGS, RULE, ALL_HI, ALL_LO, FORCE_SINK, FORCE_DIAG,
-                BS, BLOCK_G, BLOCK_Q, N2, KC, DOT_PREC, TUPLE_REDUCE, EVEN_K, ONE_BAND, QUAD,
+                BS, BSQ, BLOCK_G, BLOCK_Q, N2, KC, DOT_PREC, TUPLE_REDUCE, EVEN_K, ONE_BAND, QUAD,
             )  # fmt: skip
         else:
             TILE(
@@ -619,7 +624,7 @@ def _select_kernel(
                 HQ, G, SQ, NQB, NKB, NKB_P, D, PREFIX,
                 HI_SEG0, HI_SEG1, HI_SEG_LEN, LO_SEG0, LO_SEG1, LO_SEG_LEN, tgt_hi, tgt_lo,
                 N_SEGS, RULE, ALL_HI, ALL_LO, FORCE_SINK, FORCE_DIAG,
-                BS, BLOCK_G, BLOCK_Q, BLOCK_N, KC, DOT_PREC, TUPLE_REDUCE, EVEN_K, ONE_BAND, QUAD,
+                BS, BSQ, BLOCK_G, BLOCK_Q, BLOCK_N, KC, DOT_PREC, TUPLE_REDUCE, EVEN_K, ONE_BAND, QUAD,
             )  # fmt: skip
     elif TIERS >= 2 and N2 >= 16:
         if tile_nvis <= N2:
@@ -629,7 +634,7 @@ def _select_kernel(
                 HQ, G, SQ, NQB, NKB, NKB_P, D, PREFIX,
                 HI_SEG0, HI_SEG1, HI_SEG_LEN, LO_SEG0, LO_SEG1, LO_SEG_LEN, tgt_hi, tgt_lo,
                 N_SEGS, RULE, ALL_HI, ALL_LO, FORCE_SINK, FORCE_DIAG,
-                BS, BLOCK_G, BLOCK_Q, N2, KC, DOT_PREC, TUPLE_REDUCE, EVEN_K, ONE_BAND, QUAD,
+                BS, BSQ, BLOCK_G, BLOCK_Q, N2, KC, DOT_PREC, TUPLE_REDUCE, EVEN_K, ONE_BAND, QUAD,
             )  # fmt: skip
         else:
             TILE(
@@ -638,7 +643,7 @@ def _select_kernel(
                 HQ, G, SQ, NQB, NKB, NKB_P, D, PREFIX,
                 HI_SEG0, HI_SEG1, HI_SEG_LEN, LO_SEG0, LO_SEG1, LO_SEG_LEN, tgt_hi, tgt_lo,
                 N_SEGS, RULE, ALL_HI, ALL_LO, FORCE_SINK, FORCE_DIAG,
-                BS, BLOCK_G, BLOCK_Q, BLOCK_N, KC, DOT_PREC, TUPLE_REDUCE, EVEN_K, ONE_BAND, QUAD,
+                BS, BSQ, BLOCK_G, BLOCK_Q, BLOCK_N, KC, DOT_PREC, TUPLE_REDUCE, EVEN_K, ONE_BAND, QUAD,
             )  # fmt: skip
     else:
         TILE(
@@ -647,7 +652,7 @@ def _select_kernel(
             HQ, G, SQ, NQB, NKB, NKB_P, D, PREFIX,
             HI_SEG0, HI_SEG1, HI_SEG_LEN, LO_SEG0, LO_SEG1, LO_SEG_LEN, tgt_hi, tgt_lo,
             N_SEGS, RULE, ALL_HI, ALL_LO, FORCE_SINK, FORCE_DIAG,
-            BS, BLOCK_G, BLOCK_Q, BLOCK_N, KC, DOT_PREC, TUPLE_REDUCE, EVEN_K, ONE_BAND, QUAD,
+            BS, BSQ, BLOCK_G, BLOCK_Q, BLOCK_N, KC, DOT_PREC, TUPLE_REDUCE, EVEN_K, ONE_BAND, QUAD,
         )  # fmt: skip
 
 
@@ -781,6 +786,7 @@ def select_from_pooled(
         FORCE_SINK=bool(pl.params.force_sink),
         FORCE_DIAG=bool(pl.params.force_diagonal),
         BS=pl.bs,
+        BSQ=pl.bq,
         BLOCK_G=launch.block_g,
         BLOCK_Q=launch.block_q,
         BLOCK_N=pl.nkb_p,
