@@ -27,6 +27,7 @@
 #   bash benchmarks/run_h200.sh bound15 / eightb15  # session 15: SmolLM2 32K/128K and the 8B shape
 #                                        # at 128K with null_real_ms and the Amdahl bound per policy
 #   bash benchmarks/run_h200.sh tiles15  # FA4 block-sparse per unit of work by query-block size
+#   bash benchmarks/run_h200.sh rect15   # tiles15 (2 sizes) + SmolLM2 Prism with 128- vs 192-row blocks
 set -uo pipefail
 phase=${1:-model}
 OUT=${OUT:-/tmp/out}
@@ -186,6 +187,12 @@ elif [ "$phase" = eightb15 ]; then
 elif [ "$phase" = tiles15 ]; then  # FA4's tile by sparse query-block size, vs cuDNN per work
   timeout ${TILES_T:-300} python3 benchmarks/bench_fa4_tiles.py out=$OUT/fa4_tiles_s15 ${TILES_ARGS:-} \
     2>&1 | grep -v Warning | tail -30
+elif [ "$phase" = rect15 ]; then  # rectangular blocks: FA4's tile, then the whole model
+  timeout ${TILES_T:-150} python3 benchmarks/bench_fa4_tiles.py out=$OUT/fa4_tiles_s15 \
+    lengths=[32768,131072] q_blocks=[128,192] densities=[1.0,0.15] 2>&1 | grep -v Warning | tail -12
+  timeout ${SMOL_T:-330} python3 benchmarks/bench_model.py gguf=$GGUF compile=true graph=true \
+    lengths=${SMOL_LENGTHS:-[32768,131072]} "policies=${SMOL_POLICIES:-[dense,prism,prism:q_block_size=192]}" \
+    reps=3 warmup=1 parts=false out=$OUT/${SMOL_TAG:-model_rect_s15} 2>&1 | grep -v Warning | tail -12
 elif [ "$phase" = eightb7 ]; then
   timeout ${EIGHTB_T:-300} python3 benchmarks/bench_model.py model=random-llama8b compile=true \
     graph=true check=false lengths=[131072] "policies=[dense,topk:0.2]" reps=1 warmup=1 \
