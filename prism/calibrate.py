@@ -83,8 +83,10 @@ def choose_thresholds(
     if not cands:
         raise ValueError("give at least one candidate threshold")
     choices = []
+    # the mass on the scorers' block grid (rectangular with a q_block_size in scorer_params)
+    grid = build_scorer(scorer, threshold=cands[0], block_size=block_size, **scorer_params)
     for layer, (q, k) in sorted(qk.items()):
-        mass = block_attention_mass(q, k, block_size)
+        mass = block_attention_mass(q, k, grid.block_size)
         pick = LayerChoice(layer, None, 1.0, 1.0)
         for t in cands:  # ascending: the first that reaches the target is the sparsest
             s = build_scorer(scorer, threshold=t, block_size=block_size, **scorer_params)

@@ -54,5 +54,11 @@ def attention_recall(mass: torch.Tensor, selection: BlockSelection | torch.Tenso
     ``mass`` from :func:`block_attention_mass` for the same q/k; every query weighs the same.
     """
     mask = selection.mask if isinstance(selection, BlockSelection) else selection
+    if tuple(mask.shape[-2:]) != tuple(mass.shape[-2:]):
+        raise ValueError(
+            f"the selection's block grid {tuple(mask.shape[-2:])} is not the mass's "
+            f"{tuple(mass.shape[-2:])}: compute the mass with the selection's block size "
+            "(block_attention_mass(q, k, selection.block_size))"
+        )
     total = mass.sum(dim=(-2, -1))
     return (mass * mask).sum(dim=(-2, -1)) / total

@@ -154,11 +154,14 @@ def test_patched_model_at_full_coverage_is_dense():
         prism.patch_model(model, scorer="prism", q_block_size=192, threshold=1.0, min_len=1,
                           impl="torch", backend="flex")  # fmt: skip
         try:
+            from prism.integrations.hf import get_policy
+
+            assert get_policy(model).scorer.block_size == (192, 128)  # the grid reached the layers
             with prism.collect_stats(model) as st:
                 out = model(ids).logits
         finally:
             prism.unpatch_model(model)
-    assert st.overall_density == 1.0
+    assert st.overall_density == 1.0 and sum(s.sparse_calls for s in st.layers.values()) > 0
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
 
 
@@ -171,3 +174,62 @@ def test_errors_are_clear():
         prism.build_scorer("xattn", q_block_size=192)
     # the same size as block_size is square, accepted everywhere
     assert prism.build_scorer("xattn", q_block_size=128).block_size == 128
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("sq,sk", [(8192, 8192), (4097, 6000)])
+def test_rectangular_blocks_on_the_gpu(sq, sk):
+    """CUDA, bf16: the fused estimator at 192 x 128 against the PyTorch path (rows may differ
+    only at summation-order ties), and ``flex`` (FA4 where installed: its 192 x 128 tile) against
+    the fp32 reference on the estimator's own mask."""
+    q, k = _qk(sq, sk, hq=9, hkv=3, b=1, seed=3)
+    q, k = q.cuda().bfloat16(), k.cuda().bfloat16()
+    v = torch.randn_like(k)
+    kw = {"q_block_size": 192, "threshold": 0.9}
+    sel = prism.build_scorer("prism", impl="triton", **kw)(q, k)
+    ref = prism.build_scorer("prism", impl="torch", **kw)(q, k).mask
+    rows = int((sel.mask != ref).any(-1).sum())
+    assert rows <= max(1, ref.shape[1] * ref.shape[2] // 1000), f"{rows} rows differ"
+    # the kernel's own split: the diagonal-cut blocks partial, every other selected block full
+    _, part = block_causal(sq, sk, (192, 128), q.device)
+    split = bool_to_block_lists(sel.mask & part) + bool_to_block_lists(sel.mask & ~part)
+    for got, exp in zip(sel.lists, split):
+        assert torch.equal(got, exp)
+    bm = sel.block_mask()
+    assert tuple(bm.BLOCK_SIZE) == (192, 128) and 0 < sel.density < 1
+    exp = reference_attention(q.float(), k.float(), v.float(), bm)
+    for backend in ("flex", "flex_triton", "triton"):
+        out = get_backend(backend)(q, k, v, bm).float()
+        assert torch.isfinite(out).all()
+        assert (out - exp).abs().max().item() < 2e-2, backend
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bq,bk", [(192, 128), (192, 64), (384, 128)])
+def test_flex_triton_tiles_a_rectangular_grid_on_the_gpu(bq, bk):
+    """FlexAttention's Triton backend needs a kernel tile dividing both block sizes (a power of
+    two): ``flex_triton`` on rectangular BlockMasks against the fp32 reference, fp32 and bf16."""
+    q, k = _qk(1000, 1301, hq=6, hkv=2, b=2, seed=4)
+    v = torch.randn_like(k)
+    kw = {"block_size": bk, "q_block_size": bq, "threshold": 0.8, "impl": "torch"}
+    bm = prism.build_scorer("meanpool", **kw)(q, k).block_mask()
+    bm = bm.to("cuda")
+    for dt, tol in ((torch.float32, 1e-4), (torch.bfloat16, 2e-2)):
+        qq, kk, vv = (t.cuda().to(dt) for t in (q, k, v))
+        exp = reference_attention(qq.float(), kk.float(), vv.float(), bm)
+        out = get_backend("flex_triton")(qq, kk, vv, bm).float()
+        assert (out - exp).abs().max().item() < tol
+
+
+def test_recall_needs_the_selections_grid():
+    """attention_recall refuses a mass computed on another block grid (a rectangular selection
+    with a single query block would otherwise broadcast into a wrong recall)."""
+    from prism.metrics import attention_recall, block_attention_mass
+
+    q, k = _qk(150, 150, b=1, seed=5)
+    sel = prism.build_scorer("meanpool", q_block_size=192, impl="torch")(q, k)
+    assert sel.mask.shape[-2:] == (1, 2)
+    with pytest.raises(ValueError, match="block grid"):
+        attention_recall(block_attention_mass(q, k, 128), sel)
+    rec = attention_recall(block_attention_mass(q, k, sel.block_size), sel)
+    assert rec.shape == (1, 6) and bool((rec > 0).all()) and bool((rec <= 1 + 1e-6).all())

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from ..masks import grid_block_size
 from ..utils.tables import markdown_table
 from .config import BASELINE, expand, point_key, scorer_label, scorer_params
 
@@ -235,7 +236,8 @@ class Runner:
             self._capture[cap_key] = capture_qk(model, ids, point["recall"]["layers"])
             self._capture["_mass"] = {}
         qk = self._capture[cap_key]
-        bs = int(point["scorer"].get("block_size", 128))
+        bk = int(point["scorer"].get("block_size", 128))
+        bs = grid_block_size(int(point["scorer"].get("q_block_size", 0) or bk), bk)
         mkey = (point["length"], bs, point["recall"]["chunk"])
         masses = self._capture["_mass"]
         if mkey not in masses:

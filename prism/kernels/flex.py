@@ -68,9 +68,14 @@ def flash_available(device_index: int = 0) -> bool:
 def _kernel_options(q: torch.Tensor, block_mask: BlockMask, impl: str) -> dict | None:
     opts: dict = {}
     bs_q, bs_k = block_mask.BLOCK_SIZE
-    if q.is_cuda and min(bs_q, bs_k) < 128:
-        # the mask block must be a multiple of the kernel tile
-        opts.update(BLOCK_M=bs_q, BLOCK_N=bs_k)
+    tile: dict = {}
+    if q.is_cuda and (bs_q % 128 or bs_k % 128):
+        # the mask block must be a multiple of the kernel tile (a power of two <= 128): the
+        # largest power of two dividing it (16/32/64 for square blocks below 128, as before;
+        # 64 for a rectangular grid's 192-row query block)
+        tile = {"BLOCK_M": min(bs_q & -bs_q, 128), "BLOCK_N": min(bs_k & -bs_k, 128)}
+    if bs_q == bs_k:  # square: the tile options go to either FlexAttention backend, as before
+        opts.update(tile)
     idx = q.device.index or 0
     # under torch.compile the probe (an import) cannot be traced: use what eager mode found
     # (the first eager call probes it; unknown -> FlexAttention's Triton backend)
@@ -97,12 +102,8 @@ def _kernel_options(q: torch.Tensor, block_mask: BlockMask, impl: str) -> dict |
         )
     if use_flash:
         opts["BACKEND"] = "FLASH"
-    elif q.is_cuda and "BLOCK_M" not in opts and bs_q % 128:
-        # a rectangular grid's query block (e.g. 192 rows): FlexAttention's Triton kernel needs a
-        # query tile dividing it (FA4 picks its own tile from the block sizes)
-        import math
-
-        opts.update(BLOCK_M=math.gcd(bs_q, 128), BLOCK_N=min(bs_k, 128))
+    elif bs_q != bs_k:  # rectangular: FlexAttention's Triton kernel needs the dividing tile;
+        opts.update(tile)  # FA4 picks its own from the block sizes (192 x 128 for D <= 64)
     return opts or None
 
 

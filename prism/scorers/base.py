@@ -113,7 +113,9 @@ class Scorer:
             raise TypeError(f"{self.name} expects a {self.Config.__name__}, got {type(config)}")
         qbs = config.q_block_size
         if qbs not in (0, config.block_size) and not self.rect_blocks:
-            valid = sorted(n for n, cls in SCORERS.items() if cls.rect_blocks)
+            valid = sorted(
+                n for n, cls in SCORERS.items() if cls.rect_blocks and cls.alias_of is None
+            )
             raise ValueError(
                 f"scorer {self.name!r} does not support q_block_size={qbs} != block_size="
                 f"{config.block_size} (rectangular blocks); scorers that do: {valid}"

@@ -10,8 +10,6 @@ dims, high band, low band) from which :mod:`.select` derives the energy-calibrat
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
@@ -109,7 +107,8 @@ def _pool_kernel(
     BSQ: tl.constexpr,
     BSK: tl.constexpr,
     D_P: tl.constexpr,
-    ROWS: tl.constexpr,
+    ROWS_Q: tl.constexpr,
+    ROWS_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
     if pid < N_QPROG:
@@ -139,7 +138,7 @@ def _pool_kernel(
             INTERLEAVED,
             BSQ,
             D_P,
-            ROWS,
+            ROWS_Q,
         )
     else:
         p2 = pid - N_QPROG
@@ -169,7 +168,7 @@ def _pool_kernel(
             INTERLEAVED,
             BSK,
             D_P,
-            ROWS,
+            ROWS_K,
         )
 
 
@@ -193,11 +192,10 @@ def pool_blocks_fused(
     qst = torch.empty(pl.b, pl.hq, 3, pl.nqb, device=dev, dtype=torch.float32)
     kst = torch.empty(pl.b, pl.hkv, 3, pl.nkb, device=dev, dtype=torch.float32)
     d_p = max(16, _next_pow2(pl.d))
-    # a load of ROWS tokens must not cross a block of either grid: ROWS divides BSQ and BSK
-    common = math.gcd(pl.bq, pl.bs)
-    rows = max(1, min(common, rows or 8192 // d_p))
-    while common % rows:
-        rows //= 2
+    rows = rows or 8192 // d_p
+    # a load of ROWS tokens must not cross a block: per grid, the largest power of two <= rows
+    # dividing the block (BSQ = 192 rows: 64)
+    rows_q, rows_k = (max(1, min(rows, b & -b)) for b in (pl.bq, pl.bs))
     n_qprog = pl.b * pl.hq * pl.nqb
     _pool_kernel[(n_qprog + pl.b * pl.hkv * pl.nkb,)](
         q,
@@ -224,7 +222,8 @@ def pool_blocks_fused(
         BSQ=pl.bq,
         BSK=pl.bs,
         D_P=d_p,
-        ROWS=rows,
+        ROWS_Q=rows_q,
+        ROWS_K=rows_k,
         num_warps=num_warps,
     )
     return qbar, kbarT, qst, kst
