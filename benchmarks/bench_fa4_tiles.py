@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -31,12 +30,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench_model import cuda_time, open_log  # noqa: E402
+
 from prism.kernels import get_backend, reference_attention  # noqa: E402
-from prism.masks.blockmask import (  # noqa: E402
-    block_mask_from_lists,
-    bool_to_block_lists,
-    causal_mask_mod,  # noqa: E402
-)
+from prism.masks import block_causal, selection_to_block_mask  # noqa: E402
 
 
 @dataclass
@@ -50,22 +47,6 @@ class Defaults:
     kv_block: int = 128
     reps: int = 5
     out: str = "benchmarks/results/fa4_tiles"
-
-
-def causal_geometry(s: int, bq: int, bk: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(visible, partial) bool [NQB, NKB] for a plain causal pre-fill of ``s`` tokens with
-    ``bq``-row query blocks and ``bk``-column KV blocks: visible = some query of the block sees
-    some key of it; partial = visible and cut by the diagonal (some query does not see some key)."""
-    nqb, nkb = math.ceil(s / bq), math.ceil(s / bk)
-    i = torch.arange(nqb, device=device)[:, None]
-    j = torch.arange(nkb, device=device)[None, :]
-    first_q = i * bq
-    last_q = torch.clamp((i + 1) * bq, max=s) - 1
-    first_k = j * bk
-    last_k = torch.clamp((j + 1) * bk, max=s) - 1
-    visible = first_k <= last_q
-    partial = visible & (last_k > first_q)
-    return visible, partial
 
 
 _AREA: dict = {}
@@ -98,7 +79,7 @@ def random_selection(s, bq, bk, heads, density, gen, device) -> tuple[torch.Tens
     """bool [1, heads, NQB, NKB]: the partial (diagonal) blocks and the sink, then random full
     blocks per row until ``density`` of the row's causal area; returns it and the realised
     density (selected causal pairs / all causal pairs)."""
-    visible, partial = causal_geometry(s, bq, bk, device)
+    visible, partial = block_causal(s, s, (bq, bk), device)
     area = causal_area(s, bq, bk, visible)
     nqb, nkb = visible.shape
     sel = partial.clone()
@@ -122,30 +103,6 @@ def random_selection(s, bq, bk, heads, density, gen, device) -> tuple[torch.Tens
     return sel, got
 
 
-def block_mask(sel, s, bq, bk):
-    visible, partial = causal_geometry(s, bq, bk, sel.device)
-    kv_num, kv_idx = bool_to_block_lists(sel & partial)
-    full_num, full_idx = bool_to_block_lists(sel & ~partial & visible)
-    return block_mask_from_lists(
-        kv_num, kv_idx, full_num, full_idx, causal_mask_mod(0), s, s, (bq, bk)
-    )
-
-
-def cuda_ms(fn, reps: int) -> float:
-    for _ in range(2):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return sorted(times)[len(times) // 2]
-
-
 def check(cfg: Defaults, say) -> None:
     """Every query-block size on ragged GQA shapes vs the fp32 reference; SystemExit on failure."""
     flex = get_backend("flex")
@@ -157,7 +114,7 @@ def check(cfg: Defaults, say) -> None:
         v = torch.randn_like(k)
         for bq in cfg.q_blocks:
             sel, _ = random_selection(s, bq, cfg.kv_block, cfg.heads, 0.5, gen, "cuda")
-            bm = block_mask(sel, s, bq, cfg.kv_block)
+            bm = selection_to_block_mask(sel, s, s, (bq, cfg.kv_block))
             ref = reference_attention(q.double(), k.double(), v.double(), bm).float()
             same = reference_attention(q, k, v, bm).float()
             tol = 2 * (same - ref).abs().max().item() + 2e-2
@@ -176,13 +133,7 @@ def run(cfg: Defaults) -> None:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     out = Path(cfg.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    log = open(f"{out}.log", "a")
-
-    def say(msg: str) -> None:
-        print(msg, flush=True)
-        log.write(msg + "\n")
-        log.flush()
+    say = open_log(out)
 
     say(f"# bench_fa4_tiles {time.strftime('%Y-%m-%d %H:%M:%S')} {asdict(cfg)}")
     from prism.kernels.flex import flash_available
@@ -200,14 +151,14 @@ def run(cfg: Defaults) -> None:
         ke, ve = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
         sdpa = functools.partial(F.scaled_dot_product_attention, q, ke, ve, is_causal=True)
         with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
-            cudnn = cuda_ms(sdpa, cfg.reps)
+            cudnn = cuda_time(sdpa, cfg.reps)
         del sdpa, ke, ve
         for d in cfg.densities:
             for bq in cfg.q_blocks:
                 sel, got = random_selection(s, bq, cfg.kv_block, cfg.heads, d, gen, "cuda")
-                bm = block_mask(sel, s, bq, cfg.kv_block)
+                bm = selection_to_block_mask(sel, s, s, (bq, cfg.kv_block))
                 del sel
-                ms = cuda_ms(functools.partial(flex, q, k, v, bm), cfg.reps)
+                ms = cuda_time(functools.partial(flex, q, k, v, bm), cfg.reps)
                 row = {"length": s, "q_block": bq, "target": d, "density": round(got, 4),
                        "ms": round(ms, 3), "cudnn_ms": round(cudnn, 3),
                        "per_work": round(ms / (got * cudnn), 3)}  # fmt: skip

@@ -436,16 +436,22 @@ def check_backends() -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------
-def run(cfg: Defaults) -> None:
-    out_dir = Path(cfg.out)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    log = open(f"{out_dir}.log", "a")
+def open_log(out: Path):
+    """``say(msg)``: print ``msg`` and append it to ``<out>.log`` (the folder made if needed)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    log = open(f"{out}.log", "a")
 
     def say(msg: str) -> None:
         print(msg, flush=True)
         log.write(msg + "\n")
         log.flush()
 
+    return say
+
+
+def run(cfg: Defaults) -> None:
+    out_dir = Path(cfg.out)
+    say = open_log(out_dir)
     say(f"# bench_model {time.strftime('%Y-%m-%d %H:%M:%S')} {asdict(cfg)}")
     say(
         f"torch {torch.__version__}, GPU {torch.cuda.get_device_name()}, "

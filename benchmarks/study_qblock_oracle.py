@@ -24,7 +24,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench_model import open_log  # noqa: E402
+
 from prism.eval.modeling import capture_qk, corpus_tokens, load_model  # noqa: E402
+from prism.metrics import block_attention_mass  # noqa: E402
 
 
 @dataclass
@@ -37,28 +40,10 @@ class Defaults:
     out: str = "benchmarks/results/qblock_oracle"
 
 
-def row_mass(q: torch.Tensor, k: torch.Tensor, bk: int, chunk: int = 1024) -> torch.Tensor:
-    """q [Hq, S, D], k [Hkv, S, D] -> float32 [Hq, S, NKB]: each query's exact causal softmax
-    summed into KV blocks of ``bk`` keys."""
-    hq, s, d = q.shape
-    g = hq // k.shape[0]
-    nkb = math.ceil(s / bk)
-    out = torch.zeros(hq, s, nkb)
-    keys = torch.arange(s)
-    for h in range(hq):
-        kk = k[h // g]
-        for c in range(0, s, chunk):
-            qs = q[h, c : c + chunk]
-            z = qs @ kk.T / math.sqrt(d)
-            z = z.masked_fill(keys[None, :] > torch.arange(c, c + qs.shape[0])[:, None], -math.inf)
-            p = torch.nn.functional.pad(z.softmax(-1), (0, nkb * bk - s))
-            out[h, c : c + qs.shape[0]] = p.view(p.shape[0], nkb, bk).sum(-1)
-    return out
-
-
 def oracle_work(mass: torch.Tensor, bq: int, bk: int, recall: float) -> float:
     """Share of the causal (query, KV block) pairs an oracle at ``recall`` keeps on a grid of
-    ``bq``-row query blocks (``mass`` from :func:`row_mass`)."""
+    ``bq``-row query blocks (``mass`` [Hq, S, NKB]: each query's exact causal softmax summed into
+    KV blocks of ``bk`` keys, ``block_attention_mass`` on a (1, BSK) grid)."""
     hq, s, nkb = mass.shape
     j = torch.arange(nkb)
     kept = 0
@@ -82,13 +67,7 @@ def main(argv=None) -> None:
 
     cfg = parse_cli(Defaults, argv, description=__doc__)
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    out = Path(cfg.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    log = open(f"{out}.log", "a")
-
-    def say(msg: str) -> None:
-        print(msg, flush=True)
-        log.write(msg + "\n")
+    say = open_log(Path(cfg.out))
 
     say(f"# study_qblock_oracle {time.strftime('%Y-%m-%d %H:%M:%S')} {asdict(cfg)}")
     rope = None
@@ -101,7 +80,7 @@ def main(argv=None) -> None:
     say("layer | " + " | ".join(f"work BSQ={b}" for b in cfg.q_blocks))
     sums = [0.0] * len(cfg.q_blocks)
     for layer, (q, k) in cap.items():
-        mass = row_mass(q[0].float(), k[0].float(), cfg.kv_block)
+        mass = block_attention_mass(q.float(), k.float(), (1, cfg.kv_block), chunk=1024)[0]
         w = [oracle_work(mass, b, cfg.kv_block, cfg.recall) for b in cfg.q_blocks]
         sums = [a + b for a, b in zip(sums, w)]
         say(f"{layer} | " + " | ".join(f"{x:.4f} ({x / w[0]:.3f}x)" for x in w))

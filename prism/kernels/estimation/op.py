@@ -44,7 +44,8 @@ class PrismKernelParams:
     """The Prism knobs as the kernel needs them: every default already resolved.
 
     block_size: BS (the KV block; also the query block unless ``q_block_size`` is set).
-    q_block_size: BSQ, the query rows of a block (0 = ``block_size``).  high_dims / low_dims: band widths in dims (even, <= D).
+    q_block_size: BSQ, the query rows of a block (0 = ``block_size``).
+    high_dims / low_dims: band widths in dims (even, <= D).
     threshold_high / threshold_low: per-band target of ``rule`` (top-p mass; ``>= 1`` keeps every
     visible block of that band).  rule: ``top_p`` | ``top_k`` | ``min_prob``, with ``top_k`` /
     ``min_prob`` its parameter.  calibrate: energy calibration (per (b, h) band temperature).
