@@ -28,6 +28,7 @@
 #                                        # at 128K with null_real_ms and the Amdahl bound per policy
 #   bash benchmarks/run_h200.sh tiles15  # FA4 block-sparse per unit of work by query-block size
 #   bash benchmarks/run_h200.sh rect15   # tiles15 (2 sizes) + SmolLM2 Prism with 128- vs 192-row blocks
+#   bash benchmarks/run_h200.sh tiles16 / model16  # rect15 in two calls, plus the rectangular GPU tests
 set -uo pipefail
 phase=${1:-model}
 OUT=${OUT:-/tmp/out}
@@ -193,6 +194,14 @@ elif [ "$phase" = rect15 ]; then  # rectangular blocks: FA4's tile, then the who
   timeout ${SMOL_T:-330} python3 benchmarks/bench_model.py gguf=$GGUF compile=true graph=true \
     lengths=${SMOL_LENGTHS:-[32768,131072]} "policies=${SMOL_POLICIES:-[dense,prism,prism:q_block_size=192]}" \
     reps=3 warmup=1 parts=false out=$OUT/${SMOL_TAG:-model_rect_s15} 2>&1 | grep -v Warning | tail -12
+elif [ "$phase" = tiles16 ]; then  # session 16, call 1 of 2: rectangular GPU tests, FA4 tiles
+  timeout 150 python3 -m pytest -q -m gpu tests/test_rect_blocks.py 2>&1 | tee $OUT/gpu_tests_rect_s16.log | tail -4
+  timeout ${TILES_T:-240} python3 benchmarks/bench_fa4_tiles.py out=$OUT/fa4_tiles_s16 \
+    lengths=[32768,131072] q_blocks=[128,192,384] densities=[1.0,0.18,0.12] 2>&1 | grep -v Warning | tail -22
+elif [ "$phase" = model16 ]; then  # session 16, call 2 of 2: SmolLM2, 128- vs 192-row query blocks
+  timeout ${SMOL_T:-560} python3 benchmarks/bench_model.py gguf=$GGUF compile=true graph=true \
+    lengths=${SMOL_LENGTHS:-[32768,131072]} "policies=${SMOL_POLICIES:-[dense,prism,prism:q_block_size=192]}" \
+    reps=3 warmup=1 out=$OUT/${SMOL_TAG:-model_rect_s16} 2>&1 | grep -v Warning | tail -12
 elif [ "$phase" = eightb7 ]; then
   timeout ${EIGHTB_T:-300} python3 benchmarks/bench_model.py model=random-llama8b compile=true \
     graph=true check=false lengths=[131072] "policies=[dense,topk:0.2]" reps=1 warmup=1 \
