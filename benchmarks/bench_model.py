@@ -68,6 +68,7 @@ class Defaults:
     # prism.compile_regions(model): every decoder layer compiled (dynamic shapes), the attention
     # call eager; applies to the dense baselines and every policy alike
     compile: bool = False
+    compile_mode: str = ""  # torch.compile mode for compile_regions ("" = default)
     # prism.CUDAGraphPrefill: every timed pre-fill (dense baselines, null forward and every
     # policy alike) captured once in a CUDA graph and replayed; graph_err = max |h| difference
     # of the replay vs the eager forward
@@ -463,8 +464,11 @@ def run(cfg: Defaults) -> None:
     register_helpers()
     model, tok = load(cfg, max(cfg.lengths))
     if cfg.compile:
-        prism.compile_regions(model)
-        say("compile_regions: every decoder layer compiled (dynamic=True), attention eager")
+        kw = {"mode": cfg.compile_mode} if cfg.compile_mode else {}
+        prism.compile_regions(model, **kw)
+        say(
+            f"compile_regions: every decoder layer compiled (dynamic=True{', mode=' + cfg.compile_mode if kw else ''}), attention eager"
+        )
     if cfg.graph:
         say("graph: every timed pre-fill replayed from a CUDA graph (prism.CUDAGraphPrefill)")
     c = model.config
