@@ -99,7 +99,9 @@ class PrismPolicy:
             parameters and per-layer overrides, its own ``layers`` entries winning, and this
             policy's ``dense_layers`` unless it names its own). E.g. higher thresholds for short prompts, lower ones from
             32K tokens on, where the same threshold loses less. Backend, ``min_len`` and padding
-            are this policy's for every length; the block size must be the same everywhere.
+            are this policy's for every length; the KV block (``block_size``) must be the same
+            everywhere, the query block may differ per bucket (``q_block_size``, e.g. 192-row
+            blocks from 128K keys on for FA4 on Hopper: ``configs/policies/prism_fa4_hopper.yaml``).
         **params: scorer parameters (``threshold``, ``block_size``, ...).
 
     ``stats``: the :class:`~prism.stats.PrismStats` being collected (``None``: nothing is
@@ -193,17 +195,18 @@ class PrismPolicy:
             cfg["dense_layers"] = bucket.pop("dense_layers", sorted(self.dense_layers))
             cfg.update(bucket)
             sub = PrismPolicy.from_dict({**cfg, "backend": self.backend, "padding": self.padding})
-            if sub.block_size != self.block_size:
+            if sub.kv_block_size != self.kv_block_size:
                 raise ValueError(
-                    f"by_length[{key!r}] has block_size {sub.block_size}, the policy "
-                    f"{self.block_size}: one block size for every length"
+                    f"by_length[{key!r}] has KV block {sub.kv_block_size}, the policy "
+                    f"{self.kv_block_size}: one block_size (KV block) for every length; a "
+                    "bucket may set its own q_block_size"
                 )
             out[int(key)] = sub
         return out
 
     def _grid_keys(self, base: Mapping[str, Any]) -> dict[str, Any]:
         """The block-grid keys another scorer inherits from the policy's (``block_size`` and,
-        where set, ``q_block_size``): one grid for every layer and length."""
+        where set, ``q_block_size``): one grid for every layer of a length bucket."""
         out = {"block_size": base.get("block_size", self.kv_block_size)}
         if base.get("q_block_size"):
             out["q_block_size"] = base["q_block_size"]

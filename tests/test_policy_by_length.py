@@ -75,8 +75,12 @@ def test_yaml_and_errors(tmp_path):
         PrismPolicy("prism", by_length={1000: {"min_len": 5}})
     with pytest.raises(ValueError, match="ints >= 1"):
         PrismPolicy("prism", by_length={"long": {"threshold": 0.9}})
-    with pytest.raises(ValueError, match="one block size"):
+    with pytest.raises(ValueError, match=r"one block_size \(KV block\) for every length"):
         PrismPolicy("prism", by_length={1000: {"block_size": 64}})
+    with pytest.raises(ValueError, match=r"one block_size \(KV block\) for every length"):
+        PrismPolicy("prism", q_block_size=192, by_length={1000: {"block_size": 64}})
+    with pytest.raises(ValueError, match="does not support q_block_size=192"):
+        PrismPolicy("xattn", by_length={1000: {"q_block_size": 192}})
     with pytest.raises(ValueError, match="unknown config key"):
         PrismPolicy("prism", by_length={1000: {"treshold": 0.9}})
     with pytest.raises(TypeError, match="must be a mapping"):
@@ -117,3 +121,59 @@ def test_shipped_near_lossless_policy_is_r99_then_r98():
     for layer in range(30):
         assert nl.scorer_for(layer, 32767).config == r99.scorer_for(layer).config
         assert nl.scorer_for(layer, 32768).config == r98.scorer_for(layer).config
+
+
+def test_buckets_may_change_the_query_block():
+    """The KV block is the policy's; a bucket may set its own query block (rectangular grid)."""
+    pol = PrismPolicy("prism", by_length={4096: {"q_block_size": 192}})
+    assert pol.scorer_for(0, 4095).block_size == 128
+    assert pol.scorer_for(0, 4096).block_size == (192, 128)
+    assert pol.min_len == 256  # two KV blocks, whatever the query block
+    # and back: a rectangular base with a square bucket; a bucket with another scorer takes the
+    # bucket's grid
+    pol = PrismPolicy(
+        "meanpool", q_block_size=192, by_length={4096: {"q_block_size": 0, "scorer": "prism"}}
+    )
+    assert pol.scorer_for(0, 100).block_size == (192, 128)
+    assert pol.scorer_for(0, 5000).block_size == 128 and pol.scorer_for(0, 5000).name == "prism"
+
+
+def test_shipped_fa4_hopper_policy_is_prism_then_192_rows():
+    """``prism_fa4_hopper.yaml``: the default Prism scorer, 192-row query blocks from 128K keys."""
+    pol = PrismPolicy.from_config("prism/configs/policies/prism_fa4_hopper.yaml")
+    base = PrismPolicy("prism").scorer
+    below, above = pol.scorer_for(5, 131071), pol.scorer_for(5, 131072)
+    assert below.config == base.config and below.block_size == 128
+    assert above.block_size == (192, 128)
+    assert {k: v for k, v in vars(above.config).items() if k != "q_block_size"} == {
+        k: v for k, v in vars(base.config).items() if k != "q_block_size"
+    }
+
+
+@torch.no_grad()
+def test_hf_model_runs_the_bucket_grid():
+    """Through the HF integration: below the bucket the square grid, from it 192 x 128 blocks
+    (the causal block count per call is the grid's), and at threshold 1.0 the dense logits."""
+    from prism.masks import block_causal
+
+    model = tiny_model("llama", layers=2)
+    heads = model.config.num_attention_heads
+    long = torch.randint(0, 512, (1, 1300), generator=torch.Generator().manual_seed(1))
+    short = long[:, :700]
+    dense = model(long).logits
+    prism.patch_model(
+        model, scorer="meanpool", threshold=1.0, min_len=1,
+        by_length={1024: {"q_block_size": 192}},
+    )  # fmt: skip
+    try:
+        for ids, grid in ((short, 128), (long, (192, 128))):
+            with prism.collect_stats(model) as st:
+                out = model(ids).logits
+            n = ids.shape[1]
+            per_call = int(block_causal(n, n, grid, "cpu")[0].sum()) * heads
+            for layer in st.layers.values():
+                assert layer.sparse_calls == 1 and layer.causal_blocks == per_call, grid
+                assert layer.selected_blocks == per_call
+        torch.testing.assert_close(out, dense, atol=2e-4, rtol=2e-4)
+    finally:
+        prism.unpatch_model(model)
