@@ -177,3 +177,35 @@ def test_hf_model_runs_the_bucket_grid():
         torch.testing.assert_close(out, dense, atol=2e-4, rtol=2e-4)
     finally:
         prism.unpatch_model(model)
+
+
+@torch.no_grad()
+def test_padded_batch_runs_each_row_on_its_own_bucket_grid():
+    """Left padding, eager: a 1300-token row takes the 192 x 128 bucket, a 700-token row the
+    square grid, in one batch; causal block counts per call are the two grids' sum, and at
+    threshold 1.0 the valid positions give the dense logits."""
+    from prism.masks import block_causal
+
+    model = tiny_model("llama", layers=2)
+    heads = model.config.num_attention_heads
+    total, lengths = 1300, (1300, 700)
+    ids = torch.randint(1, 512, (2, total), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    mask[1, : total - lengths[1]] = 0
+    ids[1, : total - lengths[1]] = 0
+    dense = model(ids, attention_mask=mask).logits
+    prism.patch_model(
+        model, scorer="meanpool", threshold=1.0, min_len=1,
+        by_length={1024: {"q_block_size": 192}},
+    )  # fmt: skip
+    try:
+        with prism.collect_stats(model) as st:
+            out = model(ids, attention_mask=mask).logits
+    finally:
+        prism.unpatch_model(model)
+    grids = {1300: (192, 128), 700: 128}
+    expected = heads * sum(int(block_causal(n, n, grids[n], "cpu")[0].sum()) for n in lengths)
+    for layer in st.layers.values():
+        assert layer.causal_blocks == expected and layer.selected_blocks == expected
+    valid = mask.bool()
+    torch.testing.assert_close(out[valid], dense[valid], atol=2e-4, rtol=2e-4)
