@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .masks import BlockSelection
+from .masks import BlockSelection, block_dims, grid_shape
 
 
 def block_attention_mass(
@@ -21,14 +21,12 @@ def block_attention_mass(
     probability they put on the keys of block j (each query's row sums to 1). ``block_size``: BS
     or ``(BSQ, BSK)``. Memory is O(B · Hq · chunk · Sk) per step.
     """
-    from .masks.geometry import block_dims
-
     bq, bk = block_dims(block_size)
     b, hq, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
     g = hq // hkv
     scale = d**-0.5 if scale is None else scale
-    nqb, nkb = -(-sq // bq), -(-sk // bk)
+    nqb, nkb = grid_shape(sq, sk, block_size)
     prefix = sk - sq
     out = torch.zeros(b, hq, nqb, nkb, dtype=torch.float32, device=q.device)
     kf = k.float()

@@ -93,7 +93,8 @@ def test_cfg_policy_splits_path_and_overrides(bench_model, name, path, extra):
 
 
 def test_proportional_bound_is_amdahl(bench_model):
-    # 100 ms dense of which 80 ms attention; a kernel at a quarter of it: 20 + 20 ms
+    # abstract costs, no clock: dense 100 of which 80 attention; a kernel at a quarter of it
+    # leaves 20 + 20
     assert bench_model.proportional_bound(100.0, 20.0, 0.25) == pytest.approx(2.5)
     assert bench_model.proportional_bound(100.0, 20.0, 1.0) == pytest.approx(1.0)
     # density -> 0: only the non-attention work is left

@@ -66,7 +66,6 @@ def flash_available(device_index: int = 0) -> bool:
 
 
 def _kernel_options(q: torch.Tensor, block_mask: BlockMask, impl: str) -> dict | None:
-    opts: dict = {}
     bs_q, bs_k = block_mask.BLOCK_SIZE
     tile: dict = {}
     if q.is_cuda and (bs_q % 128 or bs_k % 128):
@@ -74,8 +73,6 @@ def _kernel_options(q: torch.Tensor, block_mask: BlockMask, impl: str) -> dict |
         # largest power of two dividing it (16/32/64 for square blocks below 128, as before;
         # 64 for a rectangular grid's 192-row query block)
         tile = {"BLOCK_M": min(bs_q & -bs_q, 128), "BLOCK_N": min(bs_k & -bs_k, 128)}
-    if bs_q == bs_k:  # square: the tile options go to either FlexAttention backend, as before
-        opts.update(tile)
     idx = q.device.index or 0
     # under torch.compile the probe (an import) cannot be traced: use what eager mode found
     # (the first eager call probes it; unknown -> FlexAttention's Triton backend)
@@ -100,10 +97,11 @@ def _kernel_options(q: torch.Tensor, block_mask: BlockMask, impl: str) -> dict |
             f"backend 'flex_flash' (FlashAttention-4) takes float16 / bfloat16 inputs, got "
             f"{q.dtype}; use backend='flex' (float32 runs on FlexAttention's Triton backend)"
         )
-    if use_flash:
-        opts["BACKEND"] = "FLASH"
-    elif bs_q != bs_k:  # rectangular: FlexAttention's Triton kernel needs the dividing tile;
-        opts.update(tile)  # FA4 picks its own from the block sizes (192 x 128 for D <= 64)
+    opts: dict = {"BACKEND": "FLASH"} if use_flash else {}
+    # square blocks: the tile goes to either backend, as before; on a rectangular grid only
+    # FlexAttention's Triton kernel takes it (FA4 picks its own: 192 x 128 for D <= 64)
+    if not use_flash or bs_q == bs_k:
+        opts.update(tile)
     return opts or None
 
 

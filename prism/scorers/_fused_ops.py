@@ -39,6 +39,7 @@ from ..kernels.estimation.op import (
     triton_available,
 )
 from ..kernels.estimation.probe_op import ProbeKernelParams, probe_select_block_lists
+from ..masks.geometry import grid_shape
 
 __all__ = [
     "auto_takes_fused",
@@ -91,9 +92,7 @@ def _probe_params(key: str) -> tuple[ProbeKernelParams, int, str]:
 
 def _fake_lists(q: Tensor, k: Tensor, block_size: int, q_block_size: int = 0):
     b, hq, sq = q.shape[0], q.shape[1], q.shape[2]
-    bq = q_block_size or block_size
-    nqb = (sq + bq - 1) // bq
-    nkb = (k.shape[2] + block_size - 1) // block_size
+    nqb, nkb = grid_shape(sq, k.shape[2], (q_block_size or block_size, block_size))
     num = q.new_empty((b, hq, nqb), dtype=torch.int32)
     idx = q.new_empty((b, hq, nqb, nkb), dtype=torch.int32)
     return num, idx, torch.empty_like(num), torch.empty_like(idx)
