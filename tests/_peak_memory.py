@@ -4,8 +4,16 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+
+# glibc's malloc raises its mmap threshold each time a large block is freed (up to 32 MiB on
+# 64-bit), after which freed tensors stay in the heap and the peak RSS depends on fragmentation:
+# the same call measured 36, 67 and 86 MiB in three runs. A fixed threshold keeps every large
+# tensor in its own mapping, returned to the system when freed, so VmHWM tracks live memory
+# (31 MiB in five runs of the same call). Every peak-memory test runs its child with this.
+MEASURE_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(64 << 10)}
 
 SCRIPT = """
 import json, os
@@ -39,7 +47,9 @@ def peak_extra(shape=(1, 8, 2, 32768, 64), interpret=False, **params) -> dict:
     VmHWM; ``interpret``: under Triton's interpreter). Asserts that a 64 MiB control allocation
     after the call is seen."""
     code = SCRIPT.format(shape=tuple(shape), interpret=bool(interpret), params=json.dumps(params))
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    res = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=MEASURE_ENV
+    )
     r = json.loads(res.stdout.strip().splitlines()[-1])
     assert r["control"] > 48 << 20, r  # else the measurement could not see anything
     return r

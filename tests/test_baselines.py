@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _peak_memory import MEASURE_ENV
 from naive_baselines import naive_flexprefill, naive_minference, naive_xattn
 
 import prism
@@ -383,6 +384,7 @@ def test_xattn_memory_bounded_by_chunk():
         text=True,
         check=True,
         cwd=REPO,
+        env=MEASURE_ENV,
     )
     r, rc = json.loads(res.stdout.strip().splitlines()[-1])
     b, h, s = 1, 4, 65536
