@@ -298,19 +298,26 @@ class PrismPolicy:
                 named.add(sub.max_layer)
         return max(named) if named else None
 
-    def describe(self) -> str:
-        """One line: the scorer's main knobs, the backend and the per-layer control."""
+    def describe(self, routing: bool = True) -> str:
+        """One line: the scorer's main knobs, the backend and the per-layer control
+        (``routing=False``: without backend and ``min_len``, as a ``by_length`` bucket)."""
         c = self.scorer.config
         parts = [f"{self.scorer.name} threshold={getattr(c, 'threshold', '-')}"]
-        ml = "auto" if self._min_len is None else self._min_len
-        parts.append(f"block={self.block_size} backend={self.backend} min_len={ml}")
+        block = f"block={self.block_size}"
+        parts.append(self._routing(block) if routing else block)
         if self.dense_layers:
             parts.append(f"dense layers {sorted(self.dense_layers)}")
         if self.layers_spec:
             parts.append(f"overrides {self.layers_spec}")
         for key in sorted(self.by_length):
-            parts.append(f"from {key} keys: [{self.by_length[key].describe()}]")
+            sub = self.by_length[key]
+            # a bucket routes as its policy does (backend, min_len): only what it chooses
+            parts.append(f"from {key} keys: [{sub.describe(routing=False)}]")
         return ", ".join(parts)
+
+    def _routing(self, block: str) -> str:
+        ml = "auto" if self._min_len is None else self._min_len
+        return f"{block} backend={self.backend} min_len={ml}"
 
     def __repr__(self) -> str:
         parts = [f"scorer={self.scorer!r}", f"backend={self.backend!r}", f"min_len={self.min_len}"]

@@ -43,6 +43,8 @@ def test_scorer_per_layer_and_length():
     assert pol.for_length(20) is pol and pol.for_length(7000) is pol.by_length[5000]
     assert pol.max_layer == 2
     assert "from 1000 keys" in pol.describe() and "by_length=[1000, 5000]" in repr(pol)
+    # routing (backend, min_len) is the policy's: named once, not again in every bucket
+    assert pol.describe().count("backend=") == 1 and pol.describe().count("min_len=") == 1
 
 
 def test_buckets_inherit_dense_layers_and_overrides():
