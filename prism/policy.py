@@ -311,7 +311,7 @@ class PrismPolicy:
             parts.append(f"overrides {self.layers_spec}")
         for key in sorted(self.by_length):
             sub = self.by_length[key]
-            # a bucket routes as its policy does (backend, min_len): only what it chooses
+            # a bucket routes as its policy does: its part leaves out backend and min_len
             parts.append(f"from {key} keys: [{sub.describe(routing=False)}]")
         return ", ".join(parts)
 

@@ -1,5 +1,6 @@
-"""Peak extra CPU memory of one probe-scorer call at 32K tokens, measured in a fresh process
-(VmHWM after a warm-up call at 1K), for the no-O(S²)-memory tests."""
+"""Peak extra CPU memory measured in a fresh process (VmHWM): one probe-scorer call at 32K tokens
+after a warm-up call at 1K (``peak_extra``), and the child environment every peak-memory test
+runs with (``measure_env``), for the no-O(S²)-memory tests."""
 
 from __future__ import annotations
 
@@ -8,12 +9,19 @@ import os
 import subprocess
 import sys
 
-# glibc's malloc raises its mmap threshold each time a large block is freed (up to 32 MiB on
-# 64-bit), after which freed tensors stay in the heap and the peak RSS depends on fragmentation:
-# the same call measured 36, 67 and 86 MiB in three runs. A fixed threshold keeps every large
-# tensor in its own mapping, returned to the system when freed, so VmHWM tracks live memory
-# (31 MiB in five runs of the same call). Every peak-memory test runs its child with this.
-MEASURE_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(64 << 10)}
+
+def measure_env() -> dict[str, str]:
+    """The environment for a child process that measures its peak RSS: this one's, with glibc's
+    mmap threshold fixed at 64 KiB.
+
+    glibc's malloc raises its mmap threshold each time a large block is freed (up to 32 MiB on
+    64-bit), after which freed tensors below that size stay in the heap and the peak RSS depends
+    on fragmentation: the same call measured 36 and 67 MiB in two runs here and 86 MiB on CI. A
+    fixed threshold keeps every tensor above 64 KiB in its own mapping, returned to the system
+    when freed, so VmHWM tracks live memory (31 MiB in five runs of that call). Allocations above
+    32 MiB (anything of O(S²) size) were mmapped before as well and are seen either way."""
+    return {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(64 << 10)}
+
 
 SCRIPT = """
 import json, os
@@ -48,7 +56,7 @@ def peak_extra(shape=(1, 8, 2, 32768, 64), interpret=False, **params) -> dict:
     after the call is seen."""
     code = SCRIPT.format(shape=tuple(shape), interpret=bool(interpret), params=json.dumps(params))
     res = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=MEASURE_ENV
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=measure_env()
     )
     r = json.loads(res.stdout.strip().splitlines()[-1])
     assert r["control"] > 48 << 20, r  # else the measurement could not see anything

@@ -12,7 +12,7 @@ import sys
 import textwrap
 
 import pytest
-from _peak_memory import MEASURE_ENV
+from _peak_memory import measure_env
 
 B, H, HKV, S, D, BS = 1, 8, 8, 65536, 64, 128
 
@@ -78,7 +78,7 @@ def test_estimation_memory_is_block_level(name, params):
         capture_output=True,
         text=True,
         check=True,
-        env=MEASURE_ENV,
+        env=measure_env(),
     )
     r = json.loads(res.stdout.strip().splitlines()[-1])
     assert r["mask_shape"] == [B, H, nqb, nkb]
