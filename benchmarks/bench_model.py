@@ -466,9 +466,8 @@ def run(cfg: Defaults) -> None:
     if cfg.compile:
         kw = {"mode": cfg.compile_mode} if cfg.compile_mode else {}
         prism.compile_regions(model, **kw)
-        say(
-            f"compile_regions: every decoder layer compiled (dynamic=True{', mode=' + cfg.compile_mode if kw else ''}), attention eager"
-        )
+        mode = f", mode={cfg.compile_mode}" if kw else ""
+        say(f"compile_regions: every decoder layer compiled (dynamic=True{mode}), attention eager")
     if cfg.graph:
         say("graph: every timed pre-fill replayed from a CUDA graph (prism.CUDAGraphPrefill)")
     c = model.config

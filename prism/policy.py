@@ -303,8 +303,11 @@ class PrismPolicy:
         (``routing=False``: without backend and ``min_len``, as a ``by_length`` bucket)."""
         c = self.scorer.config
         parts = [f"{self.scorer.name} threshold={getattr(c, 'threshold', '-')}"]
-        block = f"block={self.block_size}"
-        parts.append(self._routing(block) if routing else block)
+        if routing:
+            ml = "auto" if self._min_len is None else self._min_len
+            parts.append(f"block={self.block_size} backend={self.backend} min_len={ml}")
+        else:
+            parts.append(f"block={self.block_size}")
         if self.dense_layers:
             parts.append(f"dense layers {sorted(self.dense_layers)}")
         if self.layers_spec:
@@ -314,10 +317,6 @@ class PrismPolicy:
             # a bucket routes as its policy does: its part leaves out backend and min_len
             parts.append(f"from {key} keys: [{sub.describe(routing=False)}]")
         return ", ".join(parts)
-
-    def _routing(self, block: str) -> str:
-        ml = "auto" if self._min_len is None else self._min_len
-        return f"{block} backend={self.backend} min_len={ml}"
 
     def __repr__(self) -> str:
         parts = [f"scorer={self.scorer!r}", f"backend={self.backend!r}", f"min_len={self.min_len}"]
